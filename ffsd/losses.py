@@ -1,0 +1,127 @@
+"""FFSD's loss helpers, term by term as in ``shared/ffsd-spec.md`` ("Helpers", "One iteration").
+
+Every function is pure: tensors in, tensor out, no module state. Shapes: feature maps are
+B x C x H x W, attention maps B x 1 x H x W, logits B x classes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: eps of the per-sample L2 normalization n(v) (spec, "Helpers"); F.normalize's default.
+NORM_EPS = 1e-12
+
+
+def attention(f: Tensor) -> Tensor:
+    """A(f): mean over channels of f², shape B x 1 x H x W (spec, "Helpers")."""
+    return f.pow(2).mean(1, keepdim=True)
+
+
+def normalize(v: Tensor) -> Tensor:
+    """n(v): per-sample L2 normalization of the flattened tensor, eps 1e-12 (spec, "Helpers")."""
+    return F.normalize(v.reshape(v.size(0), -1), p=2.0, dim=1, eps=NORM_EPS)
+
+
+def attn_loss(x: Tensor, y: Tensor) -> Tensor:
+    """AttnLoss(x, y) = mean over all elements of (n(x) − n(y))² (spec, "Helpers")."""
+    return (normalize(x) - normalize(y)).pow(2).mean()
+
+
+def kd_loss(student_logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
+    """KD(z, p) = T² · KL(softmax(p/T) ‖ softmax(z/T)), batch-mean, target detached.
+
+    Spec, "Helpers"; the release computes KLDivLoss(log_softmax(z/T), softmax(p/T)) with
+    ``reduction='batchmean'`` and multiplies by T².
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    p_target = F.softmax(target_logits.detach() / t, dim=1)
+    return (t * t) * F.kl_div(log_p_student, p_target, reduction="batchmean")
+
+
+def _shift_parts(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """m = ‖flat a‖ (unnormalized), â = n(a), Shift(a); all flattened to B x HW.
+
+    θ is the ⌊HW/3⌋-th smallest value of â per sample (the release's
+    ``topk(int(HW / 3), largest=False)[0][:, -1]``), and
+    Shift(a) = (m/2 − â)·sign(â − θ) + m/2 (spec, "Helpers").
+    """
+    flat = a.reshape(a.size(0), -1)
+    hw = flat.size(1)
+    k = hw // 3
+    if k < 1:
+        raise ValueError(
+            f"Shift needs an attention map of at least 3 positions, got {tuple(a.shape[1:])}"
+        )
+    m = flat.norm(p=2, dim=1, keepdim=True)
+    a_hat = normalize(flat)
+    theta = a_hat.kthvalue(k, dim=1, keepdim=True).values
+    shifted = (m / 2 - a_hat) * torch.sign(a_hat - theta) + m / 2
+    return m, a_hat, shifted
+
+
+def shift(a: Tensor) -> Tensor:
+    """Shift(a): the diversity target built from an attention map (spec, "Helpers").
+
+    Returned flattened, B x HW, and *not* normalized again (spec, step 2).
+    """
+    return _shift_parts(a)[2]
+
+
+def shift_feature(f: Tensor) -> Tensor:
+    """ShiftFeature(f) = f + (Shift(a) − â) · m / C, broadcast over f's C channels.
+
+    Spec, "Helpers"; the release's ``diversity_target``.
+    """
+    a = attention(f)
+    m, a_hat, shifted = _shift_parts(a)
+    d = (shifted - a_hat) * m / f.size(1)
+    return f + d.reshape_as(a)
+
+
+def diversity_loss(f: Tensor, f_prev: Tensor) -> Tensor:
+    """mean((n(A(f)) − Shift(A(f_prev)))²), f_prev detached (spec, step 2, "diversity").
+
+    Unweighted: the caller multiplies by λ_div.
+    """
+    return (normalize(attention(f)) - shift(attention(f_prev.detach()))).pow(2).mean()
+
+
+def self_distillation_loss(taps: Sequence[Tensor], decoded: Sequence[Tensor]) -> Tensor:
+    """SD: Σ_m AttnLoss(A(f^m), A(d^m)) over m = 1..k−1, the decoder outputs detached.
+
+    ``decoded`` are the decoder's outputs already in reverse order (aligned with
+    ``taps[:-1]``), computed by the caller with the decoder in eval mode (spec, step 2).
+    """
+    if len(decoded) != len(taps) - 1:
+        raise ValueError(f"{len(decoded)} decoder outputs for {len(taps)} taps")
+    return sum(
+        attn_loss(attention(f), attention(d.detach())) for f, d in zip(taps, decoded, strict=False)
+    )
+
+
+def decoder_losses(decoded: Sequence[Tensor], taps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """A decoder's own training terms (spec, step 6), unweighted, targets detached.
+
+    Returns (Σ_m AttnLoss(d^m, f^m), Σ_m AttnLoss(A(d^m), A(f^m))); the caller multiplies
+    each by λ_sd.
+    """
+    if len(decoded) != len(taps) - 1:
+        raise ValueError(f"{len(decoded)} decoder outputs for {len(taps)} taps")
+    feature = sum(attn_loss(d, f.detach()) for d, f in zip(decoded, taps, strict=False))
+    attn = sum(
+        attn_loss(attention(d), attention(f.detach())) for d, f in zip(decoded, taps, strict=False)
+    )
+    return feature, attn
+
+
+def lambda_warmup(value: float, epoch: int, warmup_epochs: int = 5) -> float:
+    """λ · exp(−5·(1 − e/5)²) for epoch e ≤ 5 (epochs from 1), λ afterwards (spec, "Warm-up")."""
+    if warmup_epochs > 0 and epoch <= warmup_epochs:
+        return value * math.exp(-5.0 * (1.0 - epoch / warmup_epochs) ** 2)
+    return value

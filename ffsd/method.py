@@ -1,0 +1,111 @@
+"""The interface between the engine and an online-distillation method.
+
+The engine knows nothing about students, leaders or decoders: it calls ``begin_epoch``, ``step``
+per batch, ``evaluate`` once per epoch and ``state_dict``/``load_state_dict`` for checkpoints. A
+new method (independent students, DML, ONE, ...) subclasses :class:`OnlineMethod`, gets a
+``conf/distill/<name>.yaml`` whose ``_target_`` names it, and runs under the same engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: Sums a tensor over all processes (DDP); identity in a single process.
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+class OnlineMethod(ABC):
+    """What the engine drives. Subclasses own their networks, optimizers and schedules."""
+
+    #: Metric (as returned by ``evaluate``) whose best value picks the "best" checkpoint.
+    primary_metric: str = "leader/top1"
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._epoch: int | None = None
+        self._batches_per_epoch: int | None = None
+        self._iter = 0
+
+    # -- training -------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:
+        """Prepare epoch ``epoch`` (numbered from 1): modes, weights, learning rates.
+
+        With ``batches_per_epoch`` the learning-rate warm-up advances per iteration; without it
+        (calling ``train_step`` directly), per epoch.
+        """
+        self._epoch = epoch
+        self._batches_per_epoch = batches_per_epoch
+        self._iter = 0
+        self.train()
+
+    @abstractmethod
+    def step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+        """One full training iteration; returns every loss term as a detached 0-d tensor.
+
+        Values stay on the device: reading them forces a host sync, so callers accumulate and
+        read once per logging interval.
+        """
+
+    def train_step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, float]:
+        """``step`` with its results read back as Python floats (one host sync)."""
+        if self._epoch != epoch:
+            self.begin_epoch(epoch)
+        out = self.step(images, labels, epoch)
+        values = torch.stack([v.float() for v in out.values()]).tolist()
+        return dict(zip(out.keys(), values, strict=True))
+
+    @abstractmethod
+    def evaluate(self, loader: Iterable, reduce: Reduce = _identity) -> dict[str, float]:
+        """Accuracy (percent) of every network on ``loader``; ``reduce`` sums counts over ranks."""
+
+    # -- state ----------------------------------------------------------------------------
+    @abstractmethod
+    def modules(self) -> Mapping[str, nn.Module]:
+        """Every network by a stable name (used for checkpoints, DDP and device moves)."""
+
+    @abstractmethod
+    def optimizers(self) -> Mapping[str, torch.optim.Optimizer]:
+        """Every optimizer by a stable name."""
+
+    @abstractmethod
+    def learning_rates(self) -> dict[str, float]:
+        """Current learning rate of each optimizer parameter group, for logging."""
+
+    @abstractmethod
+    def deploy_model(self) -> nn.Module:
+        """The network users keep (FFSD: the leader)."""
+
+    def train(self) -> None:
+        for m in self.modules().values():
+            m.train()
+
+    def eval(self) -> None:
+        for m in self.modules().values():
+            m.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules().items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mods, opts = self.modules(), self.optimizers()
+        if set(state["modules"]) != set(mods) or set(state["optimizers"]) != set(opts):
+            raise ValueError(
+                f"checkpoint holds networks {sorted(state['modules'])} and optimizers "
+                f"{sorted(state['optimizers'])}; this run has {sorted(mods)} and {sorted(opts)}"
+            )
+        for k, m in mods.items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in opts.items():
+            o.load_state_dict(state["optimizers"][k])
