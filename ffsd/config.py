@@ -1,0 +1,118 @@
+"""Validation of the composed config, before any work starts.
+
+Hydra already rejects an unknown group option (``model=foo``) with the list of valid ones. This
+module checks values: each failure names the key, the bad value and what is allowed, and all
+failures are reported together.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+#: The project's config tree (a source checkout; launch.py composes from it).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """The composed config is invalid; the message lists every problem found."""
+
+
+def group_options(group: str) -> list[str]:
+    """Names of the options of a config group (``conf/<group>/*.yaml``)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def models_for_size(size: int) -> list[str]:
+    """Model options whose ``input_size`` is ``size``."""
+    out = []
+    for name in group_options("model"):
+        node = yaml.safe_load((CONF_DIR / "model" / f"{name}.yaml").read_text()) or {}
+        if node.get("input_size") == size:
+            out.append(name)
+    return out
+
+
+class _Checker:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.errors: list[str] = []
+
+    def get(self, key: str):
+        return OmegaConf.select(self.cfg, key, throw_on_missing=False, default=None)
+
+    def number(self, key: str, *, integer: bool = False, low=None, strict_low=None) -> None:
+        value = self.get(key)
+        kind = "an integer" if integer else "a number"
+        ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not (
+            isinstance(value, bool)
+        )
+        if not ok_type:
+            self.errors.append(f"{key}={value!r} must be {kind}")
+            return
+        if low is not None and value < low:
+            self.errors.append(f"{key}={value!r} is not allowed: must be >= {low}")
+        if strict_low is not None and value <= strict_low:
+            self.errors.append(f"{key}={value!r} is not allowed: must be > {strict_low}")
+
+    def choice(self, key: str, choices: list[str] | tuple[str, ...]) -> None:
+        value = self.get(key)
+        if value not in choices:
+            self.errors.append(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming every bad key, value and the valid choices."""
+    c = _Checker(cfg)
+    # trainer
+    c.number("trainer.epochs", integer=True, low=1)
+    c.number("trainer.batch_size", integer=True, low=1)
+    c.number("trainer.test_batch_size", integer=True, low=1)
+    c.number("trainer.seed", integer=True, low=0)
+    c.number("trainer.eval_every", integer=True, low=1)
+    c.number("trainer.log_every", integer=True, low=1)
+    device = c.get("trainer.device")
+    if not (
+        isinstance(device, str)
+        and (device in ("auto", "cpu", "cuda") or device.startswith("cuda:"))
+    ):
+        c.errors.append(
+            f"trainer.device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N"
+        )
+
+    # distill (FFSD's keys; another method validates its own)
+    if c.get("distill.num_students") is not None:
+        c.number("distill.num_students", integer=True, low=2)
+        c.number("distill.temperature", strict_low=0)
+        for lam in ("lambda_div", "lambda_sd", "lambda_fusion", "lambda_student_sd"):
+            c.number(f"distill.{lam}", low=0)
+        c.number("distill.lambda_warmup_epochs", integer=True, low=0)
+
+    # dataset
+    c.number("dataset.num_classes", integer=True, low=2)
+    c.number("dataset.image_size", integer=True, low=8)
+    topk = c.get("dataset.topk")
+    num_classes = c.get("dataset.num_classes")
+    if not topk or not all(isinstance(k, int) and k >= 1 for k in topk):
+        c.errors.append(f"dataset.topk={topk!r} must be a non-empty list of integers >= 1")
+    elif isinstance(num_classes, int) and max(topk) > num_classes:
+        c.errors.append(
+            f"dataset.topk={list(topk)!r} asks for top-{max(topk)} of {num_classes} classes; "
+            f"every k must be <= dataset.num_classes"
+        )
+
+    # model vs data
+    size, image = c.get("model.input_size"), c.get("dataset.image_size")
+    if isinstance(size, int) and isinstance(image, int) and size != image:
+        fits = models_for_size(image)
+        c.errors.append(
+            f"model={c.get('model.name')} is built for {size}x{size} images but "
+            f"dataset={c.get('dataset.name')} has {image}x{image}; models for {image}x{image}: "
+            f"{', '.join(fits) if fits else 'none'}"
+        )
+
+    if c.errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(c.errors))

@@ -1,0 +1,340 @@
+"""The training run: epochs, evaluation, checkpoints, resume, progress and the final summary.
+
+The engine drives any :class:`~ffsd.method.OnlineMethod` through ``begin_epoch``, ``step``,
+``evaluate`` and its state; it knows nothing of FFSD's networks. Per-step loss terms stay on the
+device and are summed there; the host reads them once per ``trainer.log_every`` iterations (the
+progress bar) and once per epoch.
+
+Files in the run directory (``trainer.output_dir``):
+
+* ``checkpoints/last.pt``: the full run state after the latest epoch (``ffsd.checkpoint``).
+* ``checkpoints/model_leader_best.pth``: the best leader so far, in the release's format.
+* ``metrics.jsonl``: one JSON object per epoch (train means, test metrics, learning rates, time).
+* ``summary.json``: best and final accuracies, written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ffsd import checkpoint as ckpt
+from ffsd.data.base import DataModule
+from ffsd.distributed import SINGLE, DistContext
+from ffsd.method import OnlineMethod
+from ffsd.runtime import rng_state, set_rng_state
+from ffsd.tracking import NullTracker, Tracker
+
+log = logging.getLogger("ffsd")
+
+
+class DeviceMeans:
+    """Batch-size-weighted running means of 0-d device tensors, read with one sync."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, terms: dict[str, torch.Tensor], n: int) -> None:
+        for k, v in terms.items():
+            s = self.sums.get(k)
+            self.sums[k] = v.detach().float() * n if s is None else s + v.detach().float() * n
+        self.count += n
+
+    def read(self, keys: list[str] | None = None, reduce=None) -> dict[str, float]:
+        keys = [k for k in (keys or list(self.sums)) if k in self.sums]
+        if not keys:
+            return {}
+        packed = torch.stack(
+            [self.sums[k] for k in keys] + [self.sums[keys[0]].new_tensor(float(self.count))]
+        )
+        if reduce is not None:
+            packed = reduce(packed)
+        values = packed.tolist()
+        count = values[-1] or 1.0
+        return {k: v / count for k, v in zip(keys, values[:-1], strict=True)}
+
+
+class Trainer:
+    """Runs ``method`` on ``data`` for ``cfg.trainer.epochs`` epochs in ``run_dir``."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        method: OnlineMethod,
+        data: DataModule,
+        *,
+        run_dir: str | Path,
+        tracker: Tracker | None = None,
+        dist: DistContext = SINGLE,
+    ) -> None:
+        self.cfg = cfg
+        self.t = cfg.trainer
+        self.method = method
+        self.data = data
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.tracker = tracker or NullTracker()
+        self.dist = dist
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"metric": method.primary_metric, "value": None, "epoch": None}
+        self.start_epoch = 1
+
+    # -- identity of a run, to refuse resuming from another one -----------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "method": str(OmegaConf.select(c, "distill._target_")),
+            "model": str(OmegaConf.select(c, "model.name")),
+            "dataset": str(OmegaConf.select(c, "dataset.name")),
+            "num_classes": int(self.data.num_classes),
+            "num_students": OmegaConf.select(c, "distill.num_students"),
+            "batch_size": int(c.trainer.batch_size),
+            "seed": int(c.trainer.seed),
+            "world_size": int(self.dist.world_size),
+        }
+
+    @property
+    def last_path(self) -> Path:
+        return self.ckpt_dir / "last.pt"
+
+    # -- resume ------------------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        mode = str(self.t.resume)
+        if mode == "never":
+            if self.last_path.exists():
+                raise ckpt.CheckpointError(
+                    f"{self.last_path} exists and trainer.resume=never: refusing to overwrite a "
+                    "run. Use trainer.resume=auto to continue it, or another trainer.output_dir."
+                )
+            return
+        if mode == "auto":
+            if not self.last_path.exists():
+                return
+            path = self.last_path
+        else:
+            path = Path(mode)
+        state = ckpt.load_state(path, self.fingerprint())
+        try:
+            self.method.load_state_dict(state["method"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ckpt.CheckpointError(f"{path} does not fit this run: {err}") from err
+        set_rng_state(state["rng"])
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.resumed_run_id = state.get("tracking_run_id")
+        if self.dist.is_main:
+            log.info("resumed from %s after epoch %d", path, state["epoch"])
+
+    def save_state(self, epoch: int) -> None:
+        state = {
+            "format": ckpt.STATE_FORMAT,
+            "version": ckpt.STATE_VERSION,
+            "epoch": epoch,
+            "method": self.method.state_dict(),
+            "rng": rng_state(),
+            "best": self.best,
+            "history": self.history,
+            "tracking_run_id": self.tracker.run_id,
+            "fingerprint": self.fingerprint(),
+            "config": OmegaConf.to_yaml(self.cfg, resolve=False),
+        }
+        ckpt.atomic_save(state, self.last_path)
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        loader = self.data.train_loader(
+            int(self.t.batch_size),
+            seed=int(self.t.seed),
+            epoch=epoch,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        n_batches = len(loader)
+        self.method.begin_epoch(epoch, n_batches)
+        means = DeviceMeans()
+        window = DeviceMeans()
+        shown = ("leader/loss", "leader/acc")
+        bar = tqdm(
+            loader,
+            total=n_batches,
+            desc=f"epoch {epoch}/{self.t.epochs}",
+            disable=not (self.t.progress and self.dist.is_main),
+            leave=False,
+            dynamic_ncols=True,
+        )
+        start = time.perf_counter()
+        seen = 0
+        for i, (images, labels) in enumerate(bar):
+            terms = self.method.step(images, labels, epoch)
+            n = int(labels.shape[0])
+            means.add(terms, n)
+            window.add({k: terms[k] for k in shown if k in terms}, n)
+            seen += n
+            if (i + 1) % int(self.t.log_every) == 0 or i + 1 == n_batches:
+                vals = window.read()
+                rate = seen / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(
+                    {k.replace("/", " "): f"{v:.3g}" for k, v in vals.items()}
+                    | {"img/s": f"{rate * self.dist.world_size:.0f}"},
+                    refresh=False,
+                )
+                window = DeviceMeans()
+        out = means.read(reduce=self.dist.all_reduce_sum)
+        bar.close()
+        seconds = time.perf_counter() - start
+        train = {f"train/{k}": v for k, v in out.items()}
+        train["time/train_s"] = seconds
+        train["throughput/train_img_s"] = seen * self.dist.world_size / max(seconds, 1e-9)
+        return train
+
+    def evaluate(self) -> dict[str, float]:
+        loader = self.data.test_loader(
+            int(self.t.test_batch_size), rank=self.dist.rank, world_size=self.dist.world_size
+        )
+        start = time.perf_counter()
+        out = self.method.evaluate(loader, reduce=self.dist.all_reduce_sum)
+        res = {f"test/{k}": v for k, v in out.items()}
+        res["time/eval_s"] = time.perf_counter() - start
+        return res
+
+    # -- the run -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self.resumed_run_id: str | None = None
+        self.maybe_resume()
+        epochs = int(self.t.epochs)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.tracker.start(self.cfg, self.run_dir, resume_run_id=self.resumed_run_id)
+        status = "FAILED"
+        try:
+            for epoch in range(self.start_epoch, epochs + 1):
+                self.run_epoch(
+                    epoch, evaluate=(epoch % int(self.t.eval_every) == 0) or epoch == epochs
+                )
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if self.dist.is_main and status != "FINISHED":
+                self.tracker.finish(status)
+        summary = self.summary()
+        if self.dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(format_summary(summary))
+            self.tracker.log_summary(summary_metrics(summary))
+            self.tracker.finish("FINISHED")
+        return summary
+
+    def run_epoch(self, epoch: int, evaluate: bool = True) -> dict[str, Any]:
+        start = time.perf_counter()
+        record: dict[str, Any] = {"epoch": epoch}
+        record |= self.train_epoch(epoch)
+        record |= self.method.learning_rates()
+        if evaluate:
+            record |= self.evaluate()
+            value = record.get(f"test/{self.best['metric']}")
+            if value is not None and (self.best["value"] is None or value > self.best["value"]):
+                self.best.update(value=value, epoch=epoch)
+                if self.dist.is_main:
+                    ckpt.save_release(
+                        self.method.deploy_model(),
+                        self.ckpt_dir / "model_leader_best.pth",
+                        epoch=epoch,
+                        cfg=str(OmegaConf.select(self.cfg, "model.name")),
+                        index="leader",
+                    )
+        record["time/epoch_s"] = time.perf_counter() - start
+        self.history.append(record)
+        if self.dist.is_main:
+            metrics = {k: float(v) for k, v in record.items() if k != "epoch"}
+            self.tracker.log_metrics(metrics, step=epoch)
+            self.save_state(epoch)
+            self._write_history()
+            log.info(epoch_line(record, self.method.primary_metric, int(self.t.epochs)))
+        self.dist.barrier()
+        return record
+
+    def _write_history(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        tmp.replace(path)
+
+    def summary(self) -> dict[str, Any]:
+        """Best (with its epoch) and final test value of every ``test/*/top*`` metric."""
+        evaluated = [r for r in self.history if any(k.startswith("test/") for k in r)]
+        out: dict[str, Any] = {
+            "primary_metric": self.best["metric"],
+            "best": self.best,
+            "epochs": len(self.history),
+            "metrics": {},
+        }
+        if not evaluated:
+            return out
+        keys = [k for k in evaluated[-1] if k.startswith("test/") and "/top" in k]
+        for k in keys:
+            vals = [(r[k], r["epoch"]) for r in evaluated if k in r]
+            best_v, best_e = max(vals, key=lambda p: (p[0], -p[1]))
+            out["metrics"][k[len("test/") :]] = {
+                "best": best_v,
+                "best_epoch": best_e,
+                "final": vals[-1][0],
+            }
+        return out
+
+
+def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Flat final metrics: ``best/<metric>``, ``best_epoch/<metric>``, ``final/<metric>``."""
+    out: dict[str, float] = {}
+    for name, m in summary["metrics"].items():
+        out[f"best/{name}"] = m["best"]
+        out[f"best_epoch/{name}"] = m["best_epoch"]
+        out[f"final/{name}"] = m["final"]
+    return out
+
+
+def epoch_line(record: dict[str, Any], primary: str, epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}"]
+    for key, label in (
+        ("train/leader/loss", "leader loss"),
+        (f"test/{primary}", primary),
+        ("test/fusion/top1", "fusion/top1"),
+        ("test/students_mean/top1", "students/top1"),
+        ("test/ensemble/top1", "ensemble/top1"),
+        ("throughput/train_img_s", "img/s"),
+        ("time/epoch_s", "s"),
+    ):
+        if key in record:
+            parts.append(f"{label} {record[key]:.4g}")
+    return " | ".join(parts)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of best (epoch) and final test accuracy per network."""
+    rows = summary["metrics"]
+    if not rows:
+        return "no evaluation was run"
+    head = ("metric", "best", "epoch", "final")
+    lines = [
+        [name, f"{m['best']:.2f}", str(m["best_epoch"]), f"{m['final']:.2f}"]
+        for name, m in rows.items()
+    ]
+    widths = [max(len(r[i]) for r in [list(head), *lines]) for i in range(4)]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    sep = "  ".join("-" * w for w in widths)
+    best = summary["best"]
+    title = (
+        f"Test accuracy (%) over {summary['epochs']} epochs; best {best['metric']} = "
+        f"{best['value']:.2f} at epoch {best['epoch']}"
+    )
+    return "\n".join([title, fmt.format(*head), sep, *(fmt.format(*r) for r in lines)])

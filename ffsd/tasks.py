@@ -1,0 +1,44 @@
+"""Entry points selected by ``task=...`` (``conf/task/*.yaml``); each takes the composed config.
+
+``launch.py`` calls ``hydra.utils.call(cfg.task, cfg)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import ffsd
+from ffsd.config import validate
+from ffsd.data.base import DataModule
+from ffsd.engine import Trainer
+from ffsd.runtime import resolve_device, seed_everything, set_threads
+
+log = logging.getLogger("ffsd")
+
+
+def build_data(cfg: DictConfig) -> DataModule:
+    """Instantiate ``cfg.dataset`` and check the files are there (fast, before any work)."""
+    data: DataModule = instantiate(cfg.dataset, _convert_="all")
+    data.check()
+    return data
+
+
+def train(cfg: DictConfig) -> float:
+    """Train ``cfg.distill`` and return the best value of its primary metric (for sweepers)."""
+    validate(cfg)
+    device = resolve_device(cfg.trainer.device)
+    set_threads(cfg.trainer.threads)
+    data = build_data(cfg)
+    seed_everything(int(cfg.trainer.seed))
+    method = ffsd.build_method(cfg, data.num_classes, device)
+    tracker = instantiate(cfg.logger)
+    run_dir = Path(cfg.trainer.output_dir)
+    log.info("run directory: %s", run_dir)
+    log.info("%s on %s; %s", cfg.model.name, device, data.describe())
+    trainer = Trainer(cfg, method, data, run_dir=run_dir, tracker=tracker)
+    summary = trainer.fit()
+    return float(summary["best"]["value"]) if summary["best"]["value"] is not None else 0.0

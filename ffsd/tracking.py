@@ -1,0 +1,43 @@
+"""Experiment tracking: the interface the engine logs through, and the no-op tracker.
+
+A tracker is built from ``conf/logger/*.yaml``. The engine calls it on the main process only:
+``start`` once (with the run id to continue when resuming), ``log_metrics`` every epoch,
+``log_artifact`` for files, ``finish`` at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+class Tracker:
+    """Base class and no-op implementation of every hook."""
+
+    #: Identifier of the tracking run (saved in checkpoints so that a resumed job continues it).
+    run_id: str | None = None
+
+    def start(self, cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None) -> None:
+        """Open (or reopen) the run; ``cfg`` is the whole composed config."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        """Final metrics of the run (best and final accuracies)."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """``status``: FINISHED, FAILED or KILLED."""
+
+    def describe(self) -> str:
+        return "no experiment tracking"
+
+
+class NullTracker(Tracker):
+    """``logger=none``: nothing is sent anywhere (the run directory still has metrics.jsonl)."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
