@@ -31,9 +31,26 @@ class OnlineMethod(ABC):
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+        #: What ``step`` calls for the forward pass and the losses: a module whose forward takes
+        #: a batch and returns (total loss, terms). Runtime wrappers replace it via
+        #: ``wrap_forward`` (DDP first, then ``torch.compile``).
+        self.forward_fn: Callable[..., Any] = self._no_forward
         self._epoch: int | None = None
         self._batches_per_epoch: int | None = None
         self._iter = 0
+
+    @staticmethod
+    def _no_forward(*_: Any) -> Any:
+        raise NotImplementedError("this method sets forward_fn in its constructor")
+
+    def wrap_forward(self, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Replace ``forward_fn`` by ``wrapper(forward_fn)``.
+
+        Wrappers compose in call order: ``wrap_forward(DDP)`` then ``wrap_forward(torch.compile)``
+        gives compile(DDP(module)), the order PyTorch recommends. The unwrapped networks stay
+        reachable through ``modules()`` for evaluation and checkpoints.
+        """
+        self.forward_fn = wrapper(self.forward_fn)
 
     # -- training -------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:

@@ -372,3 +372,24 @@ def test_state_dict_round_trip():
     b.train_step(x, y, 2)
     for p, q in zip(method_state(a), method_state(b)):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_wrap_forward_composes_in_call_order():
+    method = build()
+    calls = []
+
+    def tag(name):
+        def wrapper(fn):
+            def wrapped(*args):
+                calls.append(name)
+                return fn(*args)
+
+            return wrapped
+
+        return wrapper
+
+    method.wrap_forward(tag("inner"))
+    method.wrap_forward(tag("outer"))
+    x, y = batch()
+    method.train_step(x, y, 1)
+    assert calls == ["outer", "inner"]

@@ -35,7 +35,7 @@ class ImageFolderData(DataModule):
         self.dirs = {"train": self.root / train_dir, "val": self.root / val_dir}
 
     def check(self) -> None:
-        for split, path in self.dirs.items():
+        for path in self.dirs.values():
             if not path.is_dir() or not any(p.is_dir() for p in path.iterdir()):
                 raise DataNotFoundError(
                     f"{self.name}: no class folders in {path} (dataset.root={str(self.root)!r}).\n"

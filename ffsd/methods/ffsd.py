@@ -222,8 +222,7 @@ class FFSD(OnlineMethod):
         for opt in self._optimizers.values():
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
-        # What runs the forward: the container itself, or a DDP / compiled wrapper of it.
-        self.forward_fn: Callable[..., tuple[Tensor, dict]] = self.nets
+        self.forward_fn = self.nets
         self._lambda_tensor = torch.zeros(len(LAMBDA_KEYS), device=self.device)
 
     # -- public network handles --------------------------------------------------------------
