@@ -11,6 +11,7 @@ import numbers
 from pathlib import Path
 
 import yaml
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 #: The project's config tree (a source checkout; launch.py composes from it).
@@ -82,6 +83,20 @@ def validate(cfg: DictConfig) -> None:
         c.errors.append(
             f"trainer.device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N"
         )
+
+    c.choice("trainer.precision", ("fp32", "bf16"))
+    for key in ("trainer.channels_last", "trainer.compile.enabled"):
+        if not isinstance(c.get(key), bool):
+            c.errors.append(f"{key}={c.get(key)!r} must be true or false")
+    c.choice("dataset.pipeline", ("tensor", "dataloader"))
+    target = c.get("dataset._target_")
+    if c.get("dataset.pipeline") == "tensor" and target:
+        cls = get_class(target)
+        if not getattr(cls, "supports_tensor_pipeline", False):
+            c.errors.append(
+                f"dataset.pipeline='tensor' is not available for dataset={c.get('dataset.name')} "
+                "(its images are not held in memory); choose: dataloader"
+            )
 
     # distill (FFSD's keys; another method validates its own)
     if c.get("distill.num_students") is not None:

@@ -35,6 +35,10 @@ class OnlineMethod(ABC):
         #: a batch and returns (total loss, terms). Runtime wrappers replace it via
         #: ``wrap_forward`` (DDP first, then ``torch.compile``).
         self.forward_fn: Callable[..., Any] = self._no_forward
+        #: Memory format of the networks and their inputs (``set_memory_format``).
+        self.memory_format = torch.contiguous_format
+        #: dtype of mixed-precision autocast around forward passes, or None for plain fp32.
+        self.autocast_dtype: torch.dtype | None = None
         self._epoch: int | None = None
         self._batches_per_epoch: int | None = None
         self._iter = 0
@@ -51,6 +55,26 @@ class OnlineMethod(ABC):
         reachable through ``modules()`` for evaluation and checkpoints.
         """
         self.forward_fn = wrapper(self.forward_fn)
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Convert every network (and, in ``prepare``, every input batch) to ``memory_format``."""
+        self.memory_format = memory_format
+        for m in self.modules().values():
+            m.to(memory_format=memory_format)
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context for forward passes (disabled without ``autocast_dtype``)."""
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
+    def prepare(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Move a batch to the device, in the networks' memory format."""
+        images = images.to(self.device, non_blocking=True)
+        images = images.contiguous(memory_format=self.memory_format)
+        return images, labels.to(self.device, non_blocking=True)
 
     # -- training -------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:

@@ -9,9 +9,10 @@ import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import ffsd
+from ffsd.acceleration import accelerate
 from ffsd.config import validate
 from ffsd.data.base import DataModule
 from ffsd.engine import Trainer
@@ -35,10 +36,17 @@ def train(cfg: DictConfig) -> float:
     data = build_data(cfg)
     seed_everything(int(cfg.trainer.seed))
     method = ffsd.build_method(cfg, data.num_classes, device)
+    applied = accelerate(
+        method,
+        channels_last=bool(cfg.trainer.channels_last),
+        precision=str(cfg.trainer.precision),
+        compile=OmegaConf.to_container(cfg.trainer.compile, resolve=True),
+    )
     tracker = instantiate(cfg.logger)
     run_dir = Path(cfg.trainer.output_dir)
     log.info("run directory: %s", run_dir)
     log.info("%s on %s; %s", cfg.model.name, device, data.describe())
+    log.info("speed options: %s", ", ".join(applied) if applied else "none (eager fp32)")
     trainer = Trainer(cfg, method, data, run_dir=run_dir, tracker=tracker)
     summary = trainer.fit()
     return float(summary["best"]["value"]) if summary["best"]["value"] is not None else 0.0

@@ -170,12 +170,30 @@ def test_train_order_depends_on_seed_and_epoch_only():
     assert not torch.equal(order(0, 1), order(1, 1))
 
 
-def test_ranks_get_disjoint_shards_and_test_shards_cover_exactly():
-    data = data_from("dataset=synthetic", "dataset.train_size=100", "dataset.test_size=11")
-    ids = []
-    for rank in range(2):
-        loader = data.train_loader(100, seed=0, epoch=1, rank=rank, world_size=2)
-        ids.append(list(loader.sampler))
+def _order(loader) -> list[int]:
+    return loader.order.tolist() if hasattr(loader, "order") else list(loader.sampler)
+
+
+@pytest.mark.parametrize("pipeline", ["tensor", "dataloader"])
+def test_ranks_get_disjoint_shards_and_test_shards_cover_exactly(pipeline):
+    data = data_from(
+        "dataset=synthetic",
+        "dataset.train_size=100",
+        "dataset.test_size=11",
+        f"dataset.pipeline={pipeline}",
+    )
+    ids = [_order(data.train_loader(100, seed=0, epoch=1, rank=r, world_size=2)) for r in range(2)]
     assert not set(ids[0]) & set(ids[1]) and len(ids[0]) == len(ids[1]) == 50
-    test = [list(data.test_loader(4, rank=r, world_size=3).sampler) for r in range(3)]
+    test = [_order(data.test_loader(4, rank=r, world_size=3)) for r in range(3)]
     assert sorted(i for shard in test for i in shard) == list(range(11))
+
+
+def test_both_pipelines_visit_the_same_samples_in_the_same_order():
+    common = ("dataset=synthetic", "dataset.train_size=40")
+    tensor = data_from(*common, "dataset.pipeline=tensor")
+    loader = data_from(*common, "dataset.pipeline=dataloader")
+    a = [(x, y) for x, y in tensor.train_loader(16, seed=3, epoch=2)]
+    b = [(x, y) for x, y in loader.train_loader(16, seed=3, epoch=2)]
+    assert [len(y) for _, y in a] == [16, 16, 8]
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)

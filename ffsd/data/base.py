@@ -3,6 +3,11 @@
 A data module owns a train and a test dataset and hands out loaders. Shuffling is a function of
 (seed, epoch), and every rank of a distributed job draws its own shard of the same permutation
 (``DistributedSampler``, also for a single process), so a resumed epoch replays exactly.
+
+Two pipelines (``dataset.pipeline``): ``dataloader`` runs per-sample transforms in a PyTorch
+DataLoader (what the release does, and the only choice for ImageFolder data); ``tensor`` keeps
+the whole split in memory as one tensor on the training device and cuts, augments and normalizes
+each batch with tensor ops (``ffsd.data.tensor_pipeline``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ffsd.data.tensor_pipeline import Augment, TensorBatches
+
+PIPELINES = ("tensor", "dataloader")
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -27,6 +36,19 @@ class ShardSampler(Sampler[int]):
 
     def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
         self.indices = range(rank, n, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _Skip(Sampler[int]):
+    """A sampler without its first ``n`` indices (the batches already done this epoch)."""
+
+    def __init__(self, sampler: Sampler[int], n: int) -> None:
+        self.indices = list(sampler)[n:]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -50,6 +72,8 @@ class DataModule(ABC):
         topk: the k of the top-k accuracies to report.
         loader: DataLoader settings (``num_workers``, ``pin_memory``, ``persistent_workers``,
             ``prefetch_factor``); ``pin_memory: auto`` pins when CUDA is available.
+        pipeline: ``tensor`` or ``dataloader`` (module docstring); a module that cannot hold its
+            data in memory supports ``dataloader`` only.
     """
 
     def __init__(
@@ -60,7 +84,19 @@ class DataModule(ABC):
         image_size: int,
         topk: Sequence[int],
         loader: dict[str, Any],
+        pipeline: str = "dataloader",
     ) -> None:
+        if pipeline not in PIPELINES:
+            raise ValueError(
+                f"dataset.pipeline={pipeline!r} is not valid; choose one of: {', '.join(PIPELINES)}"
+            )
+        if pipeline == "tensor" and not self.supports_tensor_pipeline:
+            raise ValueError(
+                f"dataset.pipeline=tensor is not available for {name} (its images do not fit in "
+                "memory as one tensor); use dataset.pipeline=dataloader"
+            )
+        self.pipeline = pipeline
+        self._resident: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.name = name
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
@@ -68,6 +104,30 @@ class DataModule(ABC):
         self.loader_cfg = dict(loader)
         self._train: Dataset | None = None
         self._test: Dataset | None = None
+
+    #: Whether ``memory_tensors`` is implemented (the ``tensor`` pipeline is available).
+    supports_tensor_pipeline = False
+
+    def memory_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of ``split`` ("train"/"test") as tensors: uint8 N x C x H x W raw
+        pixels (normalized per batch with ``norm``), or float already normalized."""
+        raise NotImplementedError(f"{self.name} has no in-memory tensor form")
+
+    def norm(self) -> tuple[list[float], list[float]] | None:
+        """Per-channel (mean, std) applied to uint8 images of the tensor pipeline."""
+        return None
+
+    def train_augment(self) -> Augment | None:
+        """Train-time augmentation of the tensor pipeline."""
+        return None
+
+    def resident(self, split: str, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``memory_tensors(split)`` on ``device``, moved there once and kept."""
+        key = (split, str(device))
+        if key not in self._resident:
+            x, y = self.memory_tensors(split)
+            self._resident[key] = (x.to(device), y.to(device))
+        return self._resident[key]
 
     @abstractmethod
     def check(self) -> None:
@@ -114,12 +174,40 @@ class DataModule(ABC):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
-    ) -> DataLoader:
-        """Shuffled loader of this rank's shard of epoch ``epoch``, reproducible from the seed."""
+        device: torch.device | str = "cpu",
+        start_batch: int = 0,
+    ) -> DataLoader | TensorBatches:
+        """Shuffled batches of this rank's shard of epoch ``epoch``, reproducible from the seed.
+
+        ``start_batch`` skips the first batches of the epoch (resuming mid-epoch); the tensor
+        pipeline puts the batches on ``device``.
+        """
         sampler = DistributedSampler(
             self.train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
         sampler.set_epoch(epoch)
+        if self.pipeline == "tensor":
+            images, labels = self.resident("train", device)
+            mean, std = self.norm() or (None, None)
+            gen = torch.Generator(device=images.device).manual_seed(
+                loader_generator(seed, epoch).initial_seed()
+            )
+            order = list(sampler)
+            if drop_last:
+                order = order[: len(order) // batch_size * batch_size]
+            return TensorBatches(
+                images,
+                labels,
+                order,
+                batch_size,
+                mean=mean,
+                std=std,
+                augment=self.train_augment(),
+                generator=gen,
+                start_batch=start_batch,
+            )
+        if start_batch:
+            sampler = _Skip(sampler, start_batch * batch_size)
         return DataLoader(
             self.train_set,
             batch_size=batch_size,
@@ -129,7 +217,19 @@ class DataModule(ABC):
             **self._loader_kwargs(),
         )
 
-    def test_loader(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> DataLoader:
+    def test_loader(
+        self,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> DataLoader | TensorBatches:
+        if self.pipeline == "tensor":
+            images, labels = self.resident("test", device)
+            mean, std = self.norm() or (None, None)
+            order = list(ShardSampler(len(labels), rank, world_size))
+            return TensorBatches(images, labels, order, batch_size, mean=mean, std=std)
         return DataLoader(
             self.test_set,
             batch_size=batch_size,

@@ -3,7 +3,8 @@
 Layout under ``root``: ``cifar-100-python/{train,test,meta}`` or
 ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`` (what the official archives
 unpack to). Augmentation per the spec ("Data (CIFAR)"): reflect-pad 4 -> random horizontal flip
--> random 32x32 crop -> to [0, 1] -> normalize; test: to [0, 1] -> normalize.
+-> random 32x32 crop -> to [0, 1] -> normalize; test: to [0, 1] -> normalize. With
+``pipeline: tensor`` the same augmentation runs on whole uint8 batches on the training device.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
+import torch
 import torchvision
 import torchvision.transforms as T
 from torch.utils.data import Dataset
 
 from ffsd.data.base import DataModule, DataNotFoundError
+from ffsd.data.tensor_pipeline import Augment
 
 _LAYOUTS = {
     "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
@@ -107,6 +110,19 @@ class CIFARData(DataModule):
                 f"dataset.download=true but downloading {self.name} into {self.root} failed "
                 f"({err}). Without internet, copy the unpacked archive there instead."
             ) from err
+
+    supports_tensor_pipeline = True
+
+    def memory_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = self.train_set if split == "train" else self.test_set
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # N x 3 x 32 x 32
+        return images, torch.tensor(ds.targets, dtype=torch.long)
+
+    def norm(self) -> tuple[list[float], list[float]]:
+        return list(self.mean), list(self.std)
+
+    def train_augment(self) -> Augment:
+        return Augment(pad=self.pad, crop=self.image_size, flip=True)
 
     def train_transform(self) -> T.Compose:
         return T.Compose(

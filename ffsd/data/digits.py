@@ -59,6 +59,11 @@ class DigitsData(DataModule):
             }
         return self._tensors
 
+    supports_tensor_pipeline = True
+
+    def memory_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._load()[split]
+
     def build_train(self) -> Dataset:
         return TensorDataset(*self._load()["train"])
 

@@ -39,6 +39,12 @@ class SyntheticData(DataModule):
         x = self.signal * protos[y] + torch.randn(n, *shape, generator=g)
         return TensorDataset(x, y)
 
+    supports_tensor_pipeline = True
+
+    def memory_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = self.train_set if split == "train" else self.test_set
+        return ds.tensors
+
     def build_train(self) -> Dataset:
         return self._make(self.train_size, 1)
 

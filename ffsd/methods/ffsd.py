@@ -296,11 +296,11 @@ class FFSD(OnlineMethod):
         self._iter += 1
         if not self.nets.training:
             self.nets.train()
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+        images, labels = self.prepare(images, labels)
         for opt in self._optimizers.values():
             opt.zero_grad(set_to_none=True)
-        total, terms = self.forward_fn(images, labels, self._lambda_tensor)
+        with self.autocast():
+            total, terms = self.forward_fn(images, labels, self._lambda_tensor)
         total.backward()
         for opt in self._optimizers.values():
             opt.step()
@@ -324,11 +324,11 @@ class FFSD(OnlineMethod):
         ce_sum = torch.zeros(len(names) - 1, device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         for images, labels in loader:
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            outs = [s(images) for s in nets.students]
-            z_f, _ = nets.fusion(torch.cat([o.taps[-1] for o in outs], 1))
-            z_l = nets.leader(images).logits
+            images, labels = self.prepare(images, labels)
+            with self.autocast():
+                outs = [s(images) for s in nets.students]
+                z_f, _ = nets.fusion(torch.cat([o.taps[-1] for o in outs], 1))
+                z_l = nets.leader(images).logits
             z_s = [o.logits for o in outs]
             z_e = torch.stack(z_s).mean(0)
             logits = [*z_s, z_f, z_l, z_e]

@@ -1,0 +1,54 @@
+"""Speed options of a training run (``trainer.channels_last``, ``trainer.precision``,
+``trainer.compile``), applied to a method after it is built.
+
+Each option is off by default where it changes numerics; tests/test_acceleration.py checks that
+every option's losses after a few steps stay within a stated tolerance of the eager fp32 path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ffsd.method import OnlineMethod
+
+log = logging.getLogger("ffsd")
+
+#: trainer.precision -> autocast dtype (None: plain fp32).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def accelerate(
+    method: OnlineMethod,
+    *,
+    channels_last: bool = False,
+    precision: str = "fp32",
+    compile: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Apply the speed options to ``method``; returns a short description of each one applied."""
+    applied = []
+    if channels_last:
+        method.set_memory_format(torch.channels_last)
+        applied.append("channels_last")
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"trainer.precision={precision!r} is not valid; choose one of: {', '.join(PRECISIONS)}"
+        )
+    dtype = PRECISIONS[precision]
+    if dtype is not None:
+        if method.device.type == "cpu":
+            log.warning(
+                "trainer.precision=%s on CPU: autocast runs, but most CPUs without AMX or "
+                "AVX512-BF16 compute bf16 slower than fp32",
+                precision,
+            )
+        method.autocast_dtype = dtype
+        applied.append(f"autocast {precision}")
+    if compile and compile.get("enabled"):
+        kwargs = {k: v for k, v in compile.items() if k != "enabled" and v is not None}
+        method.wrap_forward(lambda fn: torch.compile(fn, **kwargs))
+        applied.append(f"torch.compile({', '.join(f'{k}={v}' for k, v in kwargs.items())})")
+    return applied
