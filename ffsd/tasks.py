@@ -56,3 +56,12 @@ def evaluate(cfg: DictConfig, **options: Any) -> float:
 
     return evaluate_checkpoint(cfg, **options)
 
+
+def export(cfg: DictConfig, **options: Any) -> float:
+    """``task=export``: export one network of ``cfg.checkpoint``; returns the largest difference.
+
+    ``options`` are ``conf/task/export.yaml``'s keys (see :func:`ffsd.export.export_checkpoint`).
+    """
+    from ffsd.export import export_checkpoint
+
+    return export_checkpoint(cfg, **options)
