@@ -11,7 +11,7 @@ import torch
 
 import ffsd.models as M
 from ffsd.config import ConfigError
-from ffsd.export import Exporter, ExportError, onnx_initializers
+from ffsd.export import Exporter, ExportError, check_export, onnx_initializers
 
 from .checkpoints import run_task, write_release
 from .conftest import make_cfg, write_tiny_cifar100
@@ -51,7 +51,8 @@ def test_every_format_is_written_checked_and_recorded(exported, capsys):
     assert set(report["formats"]) == {"torchscript", "exported_program", "onnx"}
     for rec in report["formats"].values():
         assert Path(rec["path"]).is_file() and rec["checked_batch_sizes"] == [4, 1]
-        assert 0 <= rec["max_abs_diff"] <= ATOL
+        assert 0 <= rec["max_abs_diff"] <= ATOL and rec["within_tolerance"] is True
+        assert rec["max_abs_logit"] > 0
     assert worst == max(r["max_abs_diff"] for r in report["formats"].values())
     assert report["inferred"]["num_students"] == 3 and report["network"] == "leader"
     assert report["trans_fusion_head"] is False
@@ -168,6 +169,23 @@ def test_an_export_outside_the_tolerance_fails_with_its_difference(tmp_path):
         run_task(cfg)
     report = json.loads((tmp_path / "out" / "export.json").read_text())
     assert report["formats"]["perturbed"]["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_check_uses_atol_plus_rtol_times_the_logit():
+    # Logits of 1e4: float32 itself is ~1e-3 from exact there, so 1e-3 off passes with rtol.
+    big = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        big.weight.fill_(5e3)
+        big.bias.zero_()
+    x = torch.ones(3, 2)
+
+    def shifted(v):
+        return big(v) + 1e-3
+
+    loose = check_export(shifted, big, [x], atol=1e-4, rtol=1e-5)
+    assert loose["within_tolerance"] and loose["max_abs_logit"] == pytest.approx(1e4)
+    assert loose["max_abs_diff"] == pytest.approx(1e-3, rel=0.05)  # float32 ulp at 1e4: 1e-3
+    assert not check_export(shifted, big, [x], atol=1e-4, rtol=0.0)["within_tolerance"]
 
 
 def test_bad_export_options_name_key_value_and_choices(tmp_path):
