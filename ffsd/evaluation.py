@@ -208,9 +208,9 @@ def evaluate_checkpoint(
         raise ConfigError(f"task.worst_classes={worst_classes!r} must be an integer >= 0")
     device = resolve_device(cfg.trainer.device)
     set_threads(cfg.trainer.threads)
+    data = build_data(cfg)  # checks the files are there; reads nothing yet
     ckpt = read_network_checkpoint(path, network)
     log.info(ckpt.describe())
-    data = build_data(cfg)
     net = build_network(
         ckpt,
         instantiate(cfg.model.net, _partial_=True),

@@ -325,10 +325,10 @@ def export_checkpoint(
     for name in formats:
         exporters[name].check_available()
     set_threads(cfg.trainer.threads)
+    data = build_data(cfg) if check_inputs == "test" else None
     ckpt = read_network_checkpoint(path, network)
     log.info(ckpt.describe())
     num_classes, size = int(cfg.dataset.num_classes), int(cfg.dataset.image_size)
-    data = build_data(cfg) if check_inputs == "test" else None
     net = build_network(
         ckpt,
         instantiate(cfg.model.net, _partial_=True),
