@@ -5,18 +5,41 @@ Examples::
     python launch.py experiment=quickstart
     python launch.py model=wrn40_2 dataset=cifar100
     python launch.py -m distill.lambda_fusion=1,10,100 trainer.seed=0,1,2
+    python launch.py task=eval checkpoint=outputs/DATE/TIME/checkpoints/last.pt model=resnet32
+    python launch.py task=export checkpoint=modelleader_best.pth model=resnet32
+
+An invalid config, missing data or an unusable checkpoint stops the run with exit status 1 and
+its message alone (no traceback; ``HYDRA_FULL_ERROR=1`` shows it); other errors keep theirs.
 """
 
 from __future__ import annotations
 
 import hydra
-from hydra.utils import call
+from hydra.errors import CompactHydraException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+from ffsd.checkpoint import CheckpointError
+from ffsd.config import ConfigError
+from ffsd.data.base import DataNotFoundError
+from ffsd.export import ExportError
+
+#: Errors whose message says everything a user needs to fix the command.
+USER_ERRORS = (ConfigError, CheckpointError, DataNotFoundError, ExportError)
+
+
+class UsageError(CompactHydraException):
+    """Hydra prints a compact exception's message without a traceback, as for a bad override."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    return call(cfg.task, cfg)
+    # The task node's other keys are its options: bound here, passed to the task as keywords.
+    task = instantiate(cfg.task, _partial_=True)
+    try:
+        return task(cfg)
+    except USER_ERRORS as err:
+        raise UsageError(f"{type(err).__name__}: {err}") from err
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Every load uses ``torch.load(..., weights_only=True)``: a checkpoint cannot run 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,12 +65,38 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        size = path.stat().st_size
-        raise CheckpointError(
-            f"{path} ({size} bytes) is not a readable PyTorch checkpoint: "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-            "It may be truncated (a copy that did not finish) or not a checkpoint at all."
-        ) from err
+        raise CheckpointError(_load_failure(path, err)) from err
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """Why ``path`` did not load, from its first bytes: torch's own message for a file that is
+    not a checkpoint suggests ``weights_only=False``, which we never do."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    text = str(err)
+    first = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+    needs = re.search(r"GLOBAL ([\w.]+)", text)
+    if needs:
+        return (
+            f"{path} holds Python objects besides tensors (it needs {needs.group(1)}); ffsd reads "
+            "checkpoints with torch.load(weights_only=True), which runs no code from the file. "
+            "Save a state_dict (or the release's {'weight': state_dict, ...}) instead."
+        )
+    if head.startswith(b"PK\x03\x04"):
+        return (
+            f"{path} ({size} bytes) is a damaged or truncated torch.save archive (a copy that "
+            f"did not finish?): {type(err).__name__}: {first}"
+        )
+    if head[:1] == b"\x80":
+        return (
+            f"{path} ({size} bytes) is a pickle that torch.load(weights_only=True) cannot read: "
+            "a plain pickle.dump file, or a truncated or damaged legacy torch.save file"
+        )
+    return (
+        f"{path} ({size} bytes, starting {head!r}) is not a PyTorch checkpoint: neither a "
+        "torch.save archive nor a pickle. It may be truncated or damaged, or another kind of file."
+    )
 
 
 def save_release(model: nn.Module, path: str | Path, *, epoch: int, cfg: str, index: str) -> Path:

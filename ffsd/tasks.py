@@ -1,12 +1,14 @@
 """Entry points selected by ``task=...`` (``conf/task/*.yaml``); each takes the composed config.
 
-``launch.py`` calls ``hydra.utils.call(cfg.task, cfg)``.
+``launch.py`` calls ``hydra.utils.call(cfg.task, cfg)``: the task node's other keys (its options)
+arrive as keyword arguments.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -50,3 +52,24 @@ def train(cfg: DictConfig) -> float:
     trainer = Trainer(cfg, method, data, run_dir=run_dir, tracker=tracker)
     summary = trainer.fit()
     return float(summary["best"]["value"]) if summary["best"]["value"] is not None else 0.0
+
+
+def evaluate(cfg: DictConfig, **options: Any) -> float:
+    """``task=eval``: evaluate one network of ``cfg.checkpoint``; returns its top-1.
+
+    ``options`` are ``conf/task/eval.yaml``'s keys (``launch.py`` passes them; see
+    :func:`ffsd.evaluation.evaluate_checkpoint`).
+    """
+    from ffsd.evaluation import evaluate_checkpoint
+
+    return evaluate_checkpoint(cfg, **options)
+
+
+def export(cfg: DictConfig, **options: Any) -> float:
+    """``task=export``: export one network of ``cfg.checkpoint``; returns the largest difference.
+
+    ``options`` are ``conf/task/export.yaml``'s keys (see :func:`ffsd.export.export_checkpoint`).
+    """
+    from ffsd.export import export_checkpoint
+
+    return export_checkpoint(cfg, **options)
