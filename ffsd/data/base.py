@@ -2,15 +2,18 @@
 
 A data module owns a train and a test dataset and hands out loaders. Shuffling is a function of
 (seed, epoch), and every rank of a distributed job draws its own shard of the same permutation
-(``DistributedSampler``, also for a single process), so a resumed epoch replays exactly.
+(``DistributedSampler``, also for a single process), so a resumed epoch replays exactly; a run
+resumed in the middle of an epoch skips the batches already done (``skip_batches``).
 """
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -35,9 +38,29 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def loader_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator that depends on (seed, epoch) only: seeds the loader's worker processes."""
-    return torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+class SkipSampler(Sampler[int]):
+    """``sampler``'s indices without the first ``skip`` (the batches a resumed epoch has done)."""
+
+    def __init__(self, sampler: Sampler[int], skip: int) -> None:
+        self.sampler, self.skip = sampler, int(skip)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def loader_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """A generator that depends on (seed, epoch, rank) only: seeds the loader's worker processes.
+
+    Ranks > 0 get their own worker seeds (otherwise worker k of every rank would draw the same
+    augmentations); rank 0 keeps the single-process seed.
+    """
+    base = int(seed) * 100_003 + int(epoch)
+    if rank:
+        base = int(np.random.SeedSequence([base, int(rank)]).generate_state(1)[0])
+    return torch.Generator().manual_seed(base)
 
 
 class DataModule(ABC):
@@ -114,18 +137,24 @@ class DataModule(ABC):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        skip_batches: int = 0,
     ) -> DataLoader:
-        """Shuffled loader of this rank's shard of epoch ``epoch``, reproducible from the seed."""
-        sampler = DistributedSampler(
+        """Shuffled loader of this rank's shard of epoch ``epoch``, reproducible from the seed.
+
+        ``skip_batches``: leave out the first batches of that order (a mid-epoch resume).
+        """
+        sampler: Sampler[int] = DistributedSampler(
             self.train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
         sampler.set_epoch(epoch)
+        if skip_batches:
+            sampler = SkipSampler(sampler, int(skip_batches) * int(batch_size))
         return DataLoader(
             self.train_set,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            generator=loader_generator(seed, epoch),
+            generator=loader_generator(seed, epoch, rank),
             **self._loader_kwargs(),
         )
 
