@@ -91,7 +91,8 @@ class PreemptionGuard:
         if not self._installed or sig is None:
             return
         if callable(previous):
-            log.info("checkpoint saved; handing %s to %r", sig.name, previous)
+            name = getattr(previous, "__qualname__", type(previous).__name__)
+            log.info("checkpoint saved; handing %s on to %s", sig.name, name)
             previous(int(sig), None)
             return
         # SIG_DFL (or None: installed from C): restore it and deliver the signal again.
