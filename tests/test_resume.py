@@ -161,6 +161,53 @@ def test_preemption_signal_saves_mid_epoch_and_resume_matches(tmp_path, straight
     assert_same_run(straight, run_dir)
 
 
+def submitit_task_pid(folder: Path) -> int | None:
+    """The pid of the submitit task process whose job folder is under ``folder``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmd and any(str(folder).encode() in c for c in cmd):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_submitit_local_job_requeues_on_the_signal_and_matches(tmp_path, straight):
+    """hydra/launcher=local: submitit's real handler, checkpoint() and in-place requeue."""
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "-m",
+        "hydra/launcher=local",
+        *TINY,
+        "trainer.progress=true",
+        "trainer.log_every=1",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    pattern = re.compile(r"epoch 2/2:\s+\d+%\|[^|]*\|\s*(\d+)/16")
+    deadline = time.monotonic() + 300
+    while True:
+        bars = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_0_log.err"))
+        if any(int(k) >= 2 for k in pattern.findall(bars)):
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, bars[-3000:]
+        time.sleep(0.05)
+    os.kill(submitit_task_pid(sweep), signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    log = (sweep / "0" / "launch.log").read_text()
+    assert "handing SIGUSR2 on to SignalHandler.checkpoint_and_try_requeue" in log
+    assert "Requeued job" in log and "resumed from" in log and "inside epoch 2" in log
+    assert_same_run(straight, sweep / "0")
+
+
 def test_resume_message_names_the_position(tmp_path, caplog):
     """A deterministic in-process preemption: the signal is raised by the 6th step of epoch 1.
 
