@@ -19,7 +19,7 @@ import torch
 from ffsd import tasks
 from ffsd.checkpoint import atomic_save, safe_load
 from ffsd.distributed import DistContext
-from ffsd.preemption import PreemptionGuard, parse_signal
+from ffsd.preemption import PreemptionGuard, parse_signal, quiet_worker
 
 from .conftest import ROOT, make_cfg
 
@@ -315,3 +315,18 @@ def test_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeyp
     monkeypatch.undo()
     assert safe_load(path) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_dataloader_workers_leave_job_signals_to_the_main_process(monkeypatch):
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+        quiet_worker(0)
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is saved[signal.SIGTERM]  # not a submitit job
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+        quiet_worker(0)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ffsd.preemption import quiet_worker
+
 
 class DataNotFoundError(FileNotFoundError):
     """Raised before any work when a dataset is not where the config says."""
@@ -123,6 +125,7 @@ class DataModule(ABC):
             "pin_memory": torch.cuda.is_available() if pin == "auto" else bool(pin),
         }
         if workers > 0:
+            kw["worker_init_fn"] = quiet_worker
             kw["persistent_workers"] = bool(cfg.get("persistent_workers", False))
             if cfg.get("prefetch_factor"):
                 kw["prefetch_factor"] = int(cfg["prefetch_factor"])
