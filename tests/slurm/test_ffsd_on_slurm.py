@@ -166,3 +166,27 @@ def test_preempted_job_requeues_and_finishes_from_its_checkpoint(slurm_cluster, 
     assert json.loads((run / "summary.json").read_text()) == json.loads(
         (sweep / "0" / "summary.json").read_text()
     )
+
+
+def test_two_task_job_is_one_ddp_process_group(slurm_cluster, tmp_path):
+    """tasks_per_node=2: submitit's TorchDistributedEnvironment forms a 2-rank gloo group."""
+    folder = tmp_path / "ddp"
+    proc = launch_sweep(
+        slurm_cluster,
+        folder,
+        "hydra.launcher.tasks_per_node=2",
+        "trainer.epochs=1",
+        "task._target_=tests.dist_task.train_and_dump",
+    )
+    wait_launch(proc, folder)
+    run = folder / "0"
+    log = (run / "launch.log").read_text()
+    assert "distributed: 2 processes (submitit, gloo backend), 2 per node" in log
+    assert log.count("run directory:") == 1  # rank 1 logs nothing
+    states = [torch.load(run / f"rank{r}_state.pt", weights_only=True)["nets"] for r in (0, 1)]
+    last = safe_load(run / "checkpoints" / "last.pt")
+    assert last["fingerprint"]["world_size"] == 2 and len(last["rng_ranks"]) == 2
+    for k, v in last["method"]["modules"]["nets"].items():
+        torch.testing.assert_close(states[0][k], v, rtol=0, atol=0)
+        torch.testing.assert_close(states[1][k], v, rtol=0, atol=0)
+    assert [r["epoch"] for r in records(run)] == [1]
