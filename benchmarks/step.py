@@ -111,8 +111,12 @@ def bench_step(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t)
     assert all(torch.isfinite(v) for v in terms.values())
     step_s = statistics.median(times)
-    return {"bench": "step", "images_per_s": args.batch_size / step_s, "ms_per_step": step_s * 1e3,
-            "applied": applied}
+    return {
+        "bench": "step",
+        "images_per_s": args.batch_size / step_s,
+        "ms_per_step": step_s * 1e3,
+        "applied": applied,
+    }
 
 
 def write_cifar(root: Path, n_train: int) -> None:
@@ -134,8 +138,10 @@ def write_cifar(root: Path, n_train: int) -> None:
             "batch_label": name,
         }
         (folder / name).write_bytes(pickle.dumps(entry))
-    meta = {"fine_label_names": [str(i) for i in range(100)],
-            "coarse_label_names": [str(i) for i in range(20)]}
+    meta = {
+        "fine_label_names": [str(i) for i in range(100)],
+        "coarse_label_names": [str(i) for i in range(20)],
+    }
     (folder / "meta").write_bytes(pickle.dumps(meta))
 
 

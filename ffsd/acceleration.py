@@ -28,7 +28,21 @@ def accelerate(
     precision: str = "fp32",
     compile: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Apply the speed options to ``method``; returns a short description of each one applied."""
+    """Apply every speed option to ``method``; returns a short description of each one applied.
+
+    A data-parallel run applies the two halves separately, :func:`set_numerics` before and
+    :func:`compile_forward` after ``ffsd.distributed.data_parallel``: DDP must see the networks
+    in their final memory format, and torch.compile must wrap DDP, not the other way round.
+    """
+    return set_numerics(method, channels_last=channels_last, precision=precision) + (
+        compile_forward(method, compile)
+    )
+
+
+def set_numerics(
+    method: OnlineMethod, *, channels_last: bool = False, precision: str = "fp32"
+) -> list[str]:
+    """``trainer.channels_last`` and ``trainer.precision``: memory format and autocast dtype."""
     applied = []
     if channels_last:
         method.set_memory_format(torch.channels_last)
@@ -47,8 +61,13 @@ def accelerate(
             )
         method.autocast_dtype = dtype
         applied.append(f"autocast {precision}")
-    if compile and compile.get("enabled"):
-        kwargs = {k: v for k, v in compile.items() if k != "enabled" and v is not None}
-        method.wrap_forward(lambda fn: torch.compile(fn, **kwargs))
-        applied.append(f"torch.compile({', '.join(f'{k}={v}' for k, v in kwargs.items())})")
     return applied
+
+
+def compile_forward(method: OnlineMethod, compile: Mapping[str, Any] | None) -> list[str]:
+    """``trainer.compile``: torch.compile of the method's training forward (all losses)."""
+    if not compile or not compile.get("enabled"):
+        return []
+    kwargs = {k: v for k, v in compile.items() if k != "enabled" and v is not None}
+    method.wrap_forward(lambda fn: torch.compile(fn, **kwargs))
+    return [f"torch.compile({', '.join(f'{k}={v}' for k, v in kwargs.items())})"]

@@ -14,6 +14,8 @@ import yaml
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from ffsd.preemption import parse_signal
+
 #: The project's config tree (a source checkout; launch.py composes from it).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -97,6 +99,22 @@ def validate(cfg: DictConfig) -> None:
                 f"dataset.pipeline='tensor' is not available for dataset={c.get('dataset.name')} "
                 "(its images are not held in memory); choose: dataloader"
             )
+    # scale-out (ffsd.distributed, ffsd.preemption)
+    c.choice("trainer.distributed.backend", ("auto", "nccl", "gloo"))
+    if c.get("trainer.distributed.backend") == "nccl" and device == "cpu":
+        c.errors.append(
+            "trainer.distributed.backend='nccl' needs CUDA but trainer.device='cpu'; "
+            "choose one of: auto, gloo"
+        )
+    if not isinstance(c.get("trainer.sync_bn"), bool):
+        c.errors.append(f"trainer.sync_bn={c.get('trainer.sync_bn')!r} must be true or false")
+    try:
+        parse_signal(c.get("trainer.preempt_signal"))
+    except ValueError as err:
+        c.errors.append(
+            f"trainer.preempt_signal={c.get('trainer.preempt_signal')!r} is not valid ({err}); "
+            "give a signal name such as USR2, USR1 or TERM, or null to turn it off"
+        )
 
     # distill (FFSD's keys; another method validates its own)
     if c.get("distill.num_students") is not None:

@@ -7,10 +7,26 @@ progress bar) and once per epoch.
 
 Files in the run directory (``trainer.output_dir``):
 
-* ``checkpoints/last.pt``: the full run state after the latest epoch (``ffsd.checkpoint``).
+* ``checkpoints/last.pt``: the full run state after the latest epoch (``ffsd.checkpoint``), or,
+  after a preemption signal, in the middle of an epoch (below).
 * ``checkpoints/model_leader_best.pth``: the best leader so far, in the release's format.
 * ``metrics.jsonl``: one JSON object per epoch (train means, test metrics, learning rates, time).
 * ``summary.json``: best and final accuracies, written at the end.
+
+Several processes (``ffsd.distributed``): each rank trains on its shard of every epoch, and
+per-step terms and evaluation counts are summed over ranks before they are read, so logged
+metrics cover the whole data. Only rank 0 prints, logs, talks to the tracker and writes files;
+collectives (buffer broadcast, RNG gathering for checkpoints) run on every rank.
+
+Mid-epoch checkpoints (``ffsd.preemption``): on the preemption signal the run saves, at the next
+step boundary, ``last.pt`` with ``epoch`` = the last *completed* epoch plus ``partial``: the
+epoch in progress, how many of its batches are done, each rank's partial loss sums and RNG
+state. Resuming skips those batches of the epoch's (seed, epoch)-determined sample order and
+restores the sums and RNG states. With ``num_workers=0`` the augmentations draw from the
+process's global RNG, so the rest of the epoch replays exactly (``tests/test_resume.py``). With
+worker processes, the sample order is still exact but the workers' random streams restart at
+the resume point, so the rest of that one epoch sees different augmentations; resumes at an
+epoch end are exact either way (workers are seeded from (seed, epoch, rank)).
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ from ffsd import checkpoint as ckpt
 from ffsd.data.base import DataModule
 from ffsd.distributed import SINGLE, DistContext
 from ffsd.method import OnlineMethod
+from ffsd.preemption import PreemptionGuard, parse_signal
 from ffsd.runtime import rng_state, set_rng_state
 from ffsd.tracking import NullTracker, Tracker
 
@@ -57,6 +74,18 @@ class DeviceMeans:
         values = torch.stack([terms[k].detach().float() for k in self.keys])
         self.total = values * n if self.total is None else self.total.add_(values, alpha=n)
         self.count += n
+
+    def state(self) -> dict[str, Any]:
+        """The running sums (on the CPU) and count, for mid-epoch checkpoints."""
+        total = None if self.total is None else self.total.cpu()
+        return {"keys": self.keys, "total": total, "count": self.count}
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        self.keys = None if state["keys"] is None else list(state["keys"])
+        total = state["total"]
+        self.total = None if total is None else total.to(device)
+        self.count = int(state["count"])
+        self._mark, self._mark_count = None, 0
 
     def read(
         self, keys: list[str] | None = None, reduce=None, since_last: bool = False
@@ -103,6 +132,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"metric": method.primary_metric, "value": None, "epoch": None}
         self.start_epoch = 1
+        #: Position inside ``start_epoch`` to continue from (a mid-epoch checkpoint), or None.
+        self.resume_position: dict[str, Any] | None = None
+        self.guard = PreemptionGuard(parse_signal(self.t.preempt_signal))
 
     # -- identity of a run, to refuse resuming from another one -----------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -143,31 +175,76 @@ class Trainer:
             self.method.load_state_dict(state["method"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise ckpt.CheckpointError(f"{path} does not fit this run: {err}") from err
-        set_rng_state(state["rng"])
+        # Each rank continues its own random stream (the fingerprint pins the world size).
+        set_rng_state(state.get("rng_ranks", [state["rng"]])[self.dist.rank])
         self.history = list(state["history"])
         self.best = dict(state["best"])
         self.start_epoch = int(state["epoch"]) + 1
         self.resumed_run_id = state.get("tracking_run_id")
+        partial = state.get("partial")
+        if partial is not None:
+            self.start_epoch = int(partial["epoch"])
+            self.resume_position = dict(partial, means=partial["ranks"][self.dist.rank])
         if self.dist.is_main:
-            log.info("resumed from %s after epoch %d", path, state["epoch"])
+            if partial is None:
+                log.info("resumed from %s after epoch %d", path, state["epoch"])
+            else:
+                log.info(
+                    "resumed from %s inside epoch %d, after batch %d of %d",
+                    path,
+                    partial["epoch"],
+                    partial["batches_done"],
+                    partial["batches"],
+                )
 
-    def save_state(self, epoch: int) -> None:
+    def save_state(self, epoch: int, partial: dict[str, Any] | None = None) -> None:
+        """Write ``last.pt`` after completed epoch ``epoch`` (collective: call on every rank).
+
+        ``partial``: the position inside epoch ``epoch + 1`` and this rank's ``means`` state.
+        """
+        mine: dict[str, Any] = {"rng": rng_state()}
+        if partial is not None:
+            mine["means"] = partial["means"]
+        ranks = self.dist.gather_objects(mine)
+        if not self.dist.is_main:
+            return
         state = {
             "format": ckpt.STATE_FORMAT,
             "version": ckpt.STATE_VERSION,
             "epoch": epoch,
             "method": self.method.state_dict(),
-            "rng": rng_state(),
+            "rng": ranks[0]["rng"],
             "best": self.best,
             "history": self.history,
             "tracking_run_id": self.tracker.run_id,
             "fingerprint": self.fingerprint(),
             "config": OmegaConf.to_yaml(self.cfg, resolve=False),
+            "partial": None,
         }
+        if self.dist.world_size > 1:
+            state["rng_ranks"] = [r["rng"] for r in ranks]
+        if partial is not None:
+            state["partial"] = {k: v for k, v in partial.items() if k != "means"} | {
+                "ranks": [r["means"] for r in ranks]
+            }
         ckpt.atomic_save(state, self.last_path)
+
+    # -- preemption --------------------------------------------------------------------------
+    def stop_requested(self, collective: bool = True) -> bool:
+        """Has any rank been sent the preemption signal? Single process: a flag read.
+
+        With several processes the ranks must agree (one all-reduce), so this is only asked
+        where ``collective`` is true, on every rank at the same iteration.
+        """
+        if not self.dist.enabled:
+            return self.guard.requested
+        return collective and self.dist.any(self.guard.requested)
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        pos = self.resume_position if self.resume_position is not None else {}
+        self.resume_position = None
+        done = int(pos.get("batches_done", 0))
         loader = self.data.train_loader(
             int(self.t.batch_size),
             seed=int(self.t.seed),
@@ -175,27 +252,56 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             device=self.method.device,
+            skip_batches=done,
         )
-        n_batches = len(loader)
-        self.method.begin_epoch(epoch, n_batches)
+        n_batches = done + len(loader)
         means = DeviceMeans()
+        if pos:
+            self.method.resume_epoch(epoch, n_batches, done)
+            means.load(pos["means"], self.method.device)
+        else:
+            self.method.begin_epoch(epoch, n_batches)
         shown = ["leader/loss", "leader/acc"]
         bar = tqdm(
             loader,
             total=n_batches,
+            initial=done,
             desc=f"epoch {epoch}/{self.t.epochs}",
             disable=not (self.t.progress and self.dist.is_main),
             leave=False,
             dynamic_ncols=True,
         )
-        start = time.perf_counter()
-        seen = 0
-        for i, (images, labels) in enumerate(bar):
+        start = time.perf_counter() - float(pos.get("seconds", 0.0))
+        seen = int(pos.get("seen", 0))
+        for i, (images, labels) in enumerate(bar, start=done):
             terms = self.method.step(images, labels, epoch)
             n = int(labels.shape[0])
             means.add(terms, n)
             seen += n
-            if (i + 1) % int(self.t.log_every) == 0 or i + 1 == n_batches:
+            at_log = (i + 1) % int(self.t.log_every) == 0 or i + 1 == n_batches
+            if i + 1 < n_batches and self.stop_requested(collective=at_log):
+                self.save_state(
+                    epoch - 1,
+                    partial={
+                        "epoch": epoch,
+                        "batches_done": i + 1,
+                        "batches": n_batches,
+                        "seen": seen,
+                        "seconds": time.perf_counter() - start,
+                        "means": means.state(),
+                    },
+                )
+                if self.dist.is_main:
+                    log.warning(
+                        "preemption signal: saved %s inside epoch %d after batch %d of %d",
+                        self.last_path,
+                        epoch,
+                        i + 1,
+                        n_batches,
+                    )
+                self.dist.barrier()
+                self.guard.hand_off()
+            if at_log:
                 vals = means.read(shown, since_last=True)
                 rate = seen / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(
@@ -205,6 +311,10 @@ class Trainer:
                 )
         out = means.read(reduce=self.dist.all_reduce_sum)
         bar.close()
+        # Ranks' BatchNorm statistics drift apart by their last batch: evaluate and checkpoint
+        # rank 0's everywhere (DDP would broadcast them before the next forward anyway).
+        for module in self.method.modules().values():
+            self.dist.broadcast_buffers(module)
         seconds = time.perf_counter() - start
         train = {f"train/{k}": v for k, v in out.items()}
         train["time/train_s"] = seconds
@@ -234,12 +344,17 @@ class Trainer:
             self.tracker.start(self.cfg, self.run_dir, resume_run_id=self.resumed_run_id)
         status = "FAILED"
         try:
-            for epoch in range(self.start_epoch, epochs + 1):
-                self.run_epoch(
-                    epoch, evaluate=(epoch % int(self.t.eval_every) == 0) or epoch == epochs
-                )
+            with self.guard:
+                for epoch in range(self.start_epoch, epochs + 1):
+                    self.run_epoch(
+                        epoch, evaluate=(epoch % int(self.t.eval_every) == 0) or epoch == epochs
+                    )
+                    # The epoch's checkpoint is written: nothing more to save before handing
+                    # the signal on. After the last epoch the run just finishes.
+                    if epoch < epochs and self.stop_requested():
+                        self.guard.hand_off()
             status = "FINISHED"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
             status = "KILLED"
             raise
         finally:
@@ -273,10 +388,10 @@ class Trainer:
                     )
         record["time/epoch_s"] = time.perf_counter() - start
         self.history.append(record)
+        self.save_state(epoch)
         if self.dist.is_main:
             metrics = {k: float(v) for k, v in record.items() if k != "epoch"}
             self.tracker.log_metrics(metrics, step=epoch)
-            self.save_state(epoch)
             self._write_history()
             log.info(epoch_line(record, self.method.primary_metric, int(self.t.epochs)))
         self.dist.barrier()

@@ -76,6 +76,43 @@ class OnlineMethod(ABC):
         images = images.contiguous(memory_format=self.memory_format)
         return images, labels.to(self.device, non_blocking=True)
 
+    def distribute(self, wrap_ddp: Callable[[nn.Module], nn.Module]) -> None:
+        """Wrap the training forward in ONE data-parallel wrapper (``wrap_ddp(module)``).
+
+        Requires ``forward_fn`` to be a module holding every parameter any optimizer updates:
+        that single wrapper then all-reduces every gradient in the one backward of ``step``.
+        Call before any other ``wrap_forward`` (DDP goes innermost).
+        """
+        module = self.forward_fn
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__}.forward_fn is {type(module).__name__}, not an "
+                "nn.Module: data parallelism needs the module that computes the losses"
+            )
+        held = {id(p) for p in module.parameters()}
+        missing = [
+            f"{name}[group {g}]"
+            for name, opt in self.optimizers().items()
+            for g, group in enumerate(opt.param_groups)
+            if any(id(p) not in held for p in group["params"])
+        ]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.forward_fn does not hold the parameters of "
+                f"{', '.join(missing)}; their gradients would not be all-reduced"
+            )
+        self.wrap_forward(wrap_ddp)
+
+    def convert_sync_batchnorm(self) -> None:
+        """Turn every BatchNorm of every network into ``SyncBatchNorm``, in place.
+
+        The parameters and buffers stay the same objects, so optimizers and ``forward_fn`` keep
+        pointing at them.
+        """
+        for name, m in self.modules().items():
+            if nn.SyncBatchNorm.convert_sync_batchnorm(m) is not m:
+                raise TypeError(f"network {name!r} is itself a BatchNorm layer; wrap it first")
+
     # -- training -------------------------------------------------------------------------
     def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:
         """Prepare epoch ``epoch`` (numbered from 1): modes, weights, learning rates.
@@ -87,6 +124,15 @@ class OnlineMethod(ABC):
         self._batches_per_epoch = batches_per_epoch
         self._iter = 0
         self.train()
+
+    def resume_epoch(self, epoch: int, batches_per_epoch: int, done: int) -> None:
+        """Prepare epoch ``epoch`` as if its first ``done`` iterations had just run.
+
+        For a run resumed from a mid-epoch checkpoint. Methods whose per-iteration state is more
+        than the iteration counter override this.
+        """
+        self.begin_epoch(epoch, batches_per_epoch)
+        self._iter = int(done)
 
     @abstractmethod
     def step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:

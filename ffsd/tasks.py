@@ -10,15 +10,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import ffsd
-from ffsd.acceleration import accelerate
+from ffsd import distributed
+from ffsd.acceleration import compile_forward, set_numerics
 from ffsd.config import validate
 from ffsd.data.base import DataModule
+from ffsd.distributed import DistContext
 from ffsd.engine import Trainer
 from ffsd.runtime import resolve_device, seed_everything, set_threads
+from ffsd.tracking import NullTracker
 
 log = logging.getLogger("ffsd")
 
@@ -30,27 +34,43 @@ def build_data(cfg: DictConfig) -> DataModule:
     return data
 
 
-def train(cfg: DictConfig) -> float:
-    """Train ``cfg.distill`` and return the best value of its primary metric (for sweepers)."""
-    validate(cfg)
-    device = resolve_device(cfg.trainer.device)
-    set_threads(cfg.trainer.threads)
+def build_trainer(cfg: DictConfig, ctx: DistContext) -> Trainer:
+    """Data, method (data-parallel over ``ctx``), tracker and run directory of one run."""
+    if not ctx.is_main:
+        log.setLevel(logging.WARNING)  # one voice per run: rank 0's
+    threads = cfg.trainer.threads
+    if not threads and ctx.local_world_size > 1:  # share the node's cores between its ranks
+        threads = distributed.default_threads(ctx.local_world_size)
+    set_threads(threads)
     data = build_data(cfg)
     seed_everything(int(cfg.trainer.seed))
-    method = ffsd.build_method(cfg, data.num_classes, device)
-    applied = accelerate(
+    method = ffsd.build_method(cfg, data.num_classes, ctx.device)
+    applied = set_numerics(
         method,
         channels_last=bool(cfg.trainer.channels_last),
         precision=str(cfg.trainer.precision),
-        compile=OmegaConf.to_container(cfg.trainer.compile, resolve=True),
     )
-    tracker = instantiate(cfg.logger)
-    run_dir = Path(cfg.trainer.output_dir)
+    distributed.data_parallel(method, ctx, sync_bn=bool(cfg.trainer.sync_bn))
+    applied += compile_forward(method, OmegaConf.to_container(cfg.trainer.compile, resolve=True))
+    distributed.seed_rank_streams(int(cfg.trainer.seed), ctx.rank)
+    tracker = instantiate(cfg.logger) if ctx.is_main else NullTracker()
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    run_dir = distributed.shared_run_dir(ctx, Path(cfg.trainer.output_dir), hydra_dir)
     log.info("run directory: %s", run_dir)
-    log.info("%s on %s; %s", cfg.model.name, device, data.describe())
+    log.info("%s on %s; %s", cfg.model.name, ctx.device, data.describe())
     log.info("speed options: %s", ", ".join(applied) if applied else "none (eager fp32)")
-    trainer = Trainer(cfg, method, data, run_dir=run_dir, tracker=tracker)
-    summary = trainer.fit()
+    return Trainer(cfg, method, data, run_dir=run_dir, tracker=tracker, dist=ctx)
+
+
+def train(cfg: DictConfig) -> float:
+    """Train ``cfg.distill`` and return the best value of its primary metric (for sweepers).
+
+    Runs as one process or as one rank of a torchrun/SLURM process group (``ffsd.distributed``).
+    """
+    validate(cfg)
+    device = resolve_device(cfg.trainer.device)
+    with distributed.session(cfg.trainer.distributed.backend, device) as ctx:
+        summary = build_trainer(cfg, ctx).fit()
     return float(summary["best"]["value"]) if summary["best"]["value"] is not None else 0.0
 
 

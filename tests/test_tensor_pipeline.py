@@ -135,7 +135,7 @@ def test_epoch_replays_exactly_and_skipping_keeps_later_batches(tmp_path):
     data = instantiate(cfg.dataset, _convert_="all")
     full = [x for x, _ in data.train_loader(8, seed=5, epoch=3)]
     again = [x for x, _ in data.train_loader(8, seed=5, epoch=3)]
-    rest = [x for x, _ in data.train_loader(8, seed=5, epoch=3, start_batch=2)]
+    rest = [x for x, _ in data.train_loader(8, seed=5, epoch=3, skip_batches=2)]
     other = [x for x, _ in data.train_loader(8, seed=5, epoch=4)]
     assert all(torch.equal(a, b) for a, b in zip(full, again))
     assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(full[2:], rest))

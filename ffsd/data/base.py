@@ -2,7 +2,8 @@
 
 A data module owns a train and a test dataset and hands out loaders. Shuffling is a function of
 (seed, epoch), and every rank of a distributed job draws its own shard of the same permutation
-(``DistributedSampler``, also for a single process), so a resumed epoch replays exactly.
+(``DistributedSampler``, also for a single process), so a resumed epoch replays exactly; a run
+resumed in the middle of an epoch skips the batches already done (``skip_batches``).
 
 Two pipelines (``dataset.pipeline``): ``dataloader`` runs per-sample transforms in a PyTorch
 DataLoader (what the release does, and the only choice for ImageFolder data); ``tensor`` keeps
@@ -12,14 +13,17 @@ each batch with tensor ops (``ffsd.data.tensor_pipeline``).
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ffsd.data.tensor_pipeline import Augment, TensorBatches
+from ffsd.preemption import quiet_worker
 
 PIPELINES = ("tensor", "dataloader")
 
@@ -44,22 +48,29 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-class _Skip(Sampler[int]):
-    """A sampler without its first ``n`` indices (the batches already done this epoch)."""
+class SkipSampler(Sampler[int]):
+    """``sampler``'s indices without the first ``skip`` (the batches a resumed epoch has done)."""
 
-    def __init__(self, sampler: Sampler[int], n: int) -> None:
-        self.indices = list(sampler)[n:]
+    def __init__(self, sampler: Sampler[int], skip: int) -> None:
+        self.sampler, self.skip = sampler, int(skip)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+        return itertools.islice(iter(self.sampler), self.skip, None)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return max(0, len(self.sampler) - self.skip)
 
 
-def loader_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator that depends on (seed, epoch) only: seeds the loader's worker processes."""
-    return torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+def loader_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """A generator that depends on (seed, epoch, rank) only: seeds the loader's worker processes.
+
+    Ranks > 0 get their own worker seeds (otherwise worker k of every rank would draw the same
+    augmentations); rank 0 keeps the single-process seed.
+    """
+    base = int(seed) * 100_003 + int(epoch)
+    if rank:
+        base = int(np.random.SeedSequence([base, int(rank)]).generate_state(1)[0])
+    return torch.Generator().manual_seed(base)
 
 
 class DataModule(ABC):
@@ -160,6 +171,7 @@ class DataModule(ABC):
             "pin_memory": torch.cuda.is_available() if pin == "auto" else bool(pin),
         }
         if workers > 0:
+            kw["worker_init_fn"] = quiet_worker
             kw["persistent_workers"] = bool(cfg.get("persistent_workers", False))
             if cfg.get("prefetch_factor"):
                 kw["prefetch_factor"] = int(cfg["prefetch_factor"])
@@ -175,14 +187,14 @@ class DataModule(ABC):
         world_size: int = 1,
         drop_last: bool = False,
         device: torch.device | str = "cpu",
-        start_batch: int = 0,
+        skip_batches: int = 0,
     ) -> DataLoader | TensorBatches:
         """Shuffled batches of this rank's shard of epoch ``epoch``, reproducible from the seed.
 
-        ``start_batch`` skips the first batches of the epoch (resuming mid-epoch); the tensor
-        pipeline puts the batches on ``device``.
+        ``skip_batches`` leaves out the first batches of that order (a mid-epoch resume); the
+        tensor pipeline puts the batches on ``device``.
         """
-        sampler = DistributedSampler(
+        sampler: Sampler[int] = DistributedSampler(
             self.train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
         sampler.set_epoch(epoch)
@@ -190,7 +202,7 @@ class DataModule(ABC):
             images, labels = self.resident("train", device)
             mean, std = self.norm() or (None, None)
             gen = torch.Generator(device=images.device).manual_seed(
-                loader_generator(seed, epoch).initial_seed()
+                loader_generator(seed, epoch, rank).initial_seed()
             )
             order = list(sampler)
             if drop_last:
@@ -204,16 +216,16 @@ class DataModule(ABC):
                 std=std,
                 augment=self.train_augment(),
                 generator=gen,
-                start_batch=start_batch,
+                start_batch=int(skip_batches),
             )
-        if start_batch:
-            sampler = _Skip(sampler, start_batch * batch_size)
+        if skip_batches:
+            sampler = SkipSampler(sampler, int(skip_batches) * int(batch_size))
         return DataLoader(
             self.train_set,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
-            generator=loader_generator(seed, epoch),
+            generator=loader_generator(seed, epoch, rank),
             **self._loader_kwargs(),
         )
 
