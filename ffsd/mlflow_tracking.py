@@ -67,6 +67,8 @@ log = logging.getLogger("ffsd")
 
 ON_MISSING_RUN = ("error", "new")
 OVERFLOW_ARTIFACT = "config/params_overflow.yaml"
+#: In each run directory: the store, experiment and run id the job logged to, as resolved then.
+RUN_RECORD = "mlflow_run.json"
 
 
 class TrackingError(RuntimeError):
@@ -111,9 +113,9 @@ def default_experiment_name(cfg: DictConfig, preset: str | None) -> str:
     return f"ffsd/{model}-{dataset}"
 
 
-def unreachable(uri: str, reason: object) -> TrackingError:
+def unreachable(uri: str, reason: object, what: str = "is not reachable") -> TrackingError:
     return TrackingError(
-        f"MLflow tracking store {uri} is not reachable: {reason}\n"
+        f"MLflow tracking store {uri} {what}: {reason}\n"
         "Nothing was trained. Start the tracking server (README, 'Results and tracking'), point "
         "logger.tracking_uri (or MLFLOW_TRACKING_URI) at a reachable one, leave both unset to "
         "use the local SQLite store outputs/mlflow.db, or turn tracking off with logger=none."
@@ -256,7 +258,6 @@ class MLflowTracker(Tracker):
         self.run_dir: Path | None = None
         self.job: provenance.HydraJob | None = None
         self._pending: list[tuple[str, Callable[[], None]]] = []
-        self._artifact_prefix = "config"
 
     # -- set-up, in the launching process and in the job ------------------------------------
     def _connect(self, cfg: DictConfig) -> MlflowClient:
@@ -273,7 +274,7 @@ class MLflowTracker(Tracker):
                 client, self.experiment, artifact_location(self.uri, self.experiment)
             )
         except MlflowException as err:
-            raise unreachable(self.uri, err) from err
+            raise unreachable(self.uri, err, "cannot provide the experiment") from err
 
     def prepare(self, cfg: DictConfig) -> None:
         """Create the store and the experiment once, before a sweep's jobs race for them."""
@@ -294,7 +295,7 @@ class MLflowTracker(Tracker):
             run = client.get_run(resume_run_id) if resume_run_id else None
         except MlflowException as err:
             if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise unreachable(self.uri, err) from err
+                raise unreachable(self.uri, err, "failed before training") from err
             if self.on_missing_run == "error":
                 raise TrackingError(
                     f"{self.run_dir / 'checkpoints' / 'last.pt'} continues MLflow run "
@@ -314,9 +315,19 @@ class MLflowTracker(Tracker):
             if resumed:
                 self._backfill(client)
         except MlflowException as err:
-            raise unreachable(self.uri, err) from err
+            if self.run_id is not None:
+                self._terminate("FAILED")
+            raise unreachable(self.uri, err, "failed before training") from err
         self._flush()
+        self._record_location()
         log.info("tracking: %s", self.describe())
+
+    def _record_location(self) -> None:
+        # The config's tracking_uri interpolates MLFLOW_TRACKING_URI, which may differ when the
+        # report runs later; this file says where this job's run really is.
+        assert self.run_dir is not None
+        record = {"tracking_uri": self.uri, "experiment": self.experiment, "run_id": self.run_id}
+        (self.run_dir / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
     def _create_run(
         self, client: MlflowClient, cfg: DictConfig, flat: dict[str, str], job: Any
@@ -490,6 +501,9 @@ class MLflowTracker(Tracker):
                 self.uri,
                 run_dir / "metrics.jsonl",
             )
+        self._terminate(status)
+
+    def _terminate(self, status: str) -> None:
         try:
             self.client.set_terminated(self.run_id, status)
         except Exception as err:  # the run's files are complete; only its status is stale

@@ -12,9 +12,10 @@ The target is an MLflow experiment name (``ffsd/lambda_grid``), a sweep director
   run (the best finished one, or ``--run``).
 * ``vs_<key>.png``: the leader's best top-1 against each swept numeric value (each λ).
 
-The store read: ``--tracking-uri``; else, for a directory, the one its jobs logged to (from
-``multirun.yaml`` or ``.hydra/config.yaml``); else ``MLFLOW_TRACKING_URI``; else the default
-SQLite store of ``conf/logger/mlflow.yaml`` under the current directory (``outputs/mlflow.db``).
+The store read: ``--tracking-uri``; else, for a directory, the one its jobs logged to (their
+``mlflow_run.json``, else as ``multirun.yaml`` or ``.hydra/config.yaml`` resolve now); else
+``MLFLOW_TRACKING_URI``; else the default SQLite store of ``conf/logger/mlflow.yaml`` under the
+current directory (``outputs/mlflow.db``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ffsd import plots
 from ffsd.config import CONF_DIR
-from ffsd.mlflow_tracking import resolve_tracking_uri
+from ffsd.mlflow_tracking import RUN_RECORD, resolve_tracking_uri
 
 #: (column, summary metric logged by the engine) of the table, in order.
 COLUMNS = (
@@ -84,19 +85,38 @@ def default_uri(base: Path) -> str:
     return resolve_tracking_uri(node.get("tracking_uri"), str(node.store), base)
 
 
+def _recorded_uri(records: list[Path], where: Path) -> str | None:
+    """The store the jobs wrote in their run record (see ``RUN_RECORD``), if they did."""
+    uris = sorted({json.loads(p.read_text())["tracking_uri"] for p in records})
+    if len(uris) > 1:
+        raise ReportError(
+            f"the jobs under {where} logged to several stores ({', '.join(uris)}): "
+            "choose one with --tracking-uri"
+        )
+    return uris[0] if uris else None
+
+
 def resolve_target(target: str, tracking_uri: str | None = None) -> Target:
     """A directory (sweep or run) when ``target`` is one, else an experiment name."""
     path = Path(target).expanduser()
     if (path / "multirun.yaml").is_file():
         cfg = OmegaConf.load(path / "multirun.yaml")
         launch = Path(OmegaConf.select(cfg, "hydra.runtime.cwd", default=None) or Path.cwd())
-        uri = tracking_uri or _logged_uri(cfg, launch, path)
+        uri = (
+            tracking_uri
+            or _recorded_uri(sorted(path.glob(f"*/{RUN_RECORD}")), path)
+            or _logged_uri(cfg, launch, path)
+        )
         return Target(uri, tag="ffsd.sweep_dir", directory=path.resolve())
     if (path / ".hydra" / "config.yaml").is_file():
         cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
         hydra = OmegaConf.load(path / ".hydra" / "hydra.yaml")
         launch = Path(OmegaConf.select(hydra, "hydra.runtime.cwd", default=None) or Path.cwd())
-        uri = tracking_uri or _logged_uri(cfg, launch, path)
+        uri = (
+            tracking_uri
+            or _recorded_uri([p for p in [path / RUN_RECORD] if p.is_file()], path)
+            or _logged_uri(cfg, launch, path)
+        )
         return Target(uri, tag="ffsd.run_dir", directory=path.resolve())
     if path.is_dir():
         raise ReportError(
