@@ -2,7 +2,12 @@
 
 A tracker is built from ``conf/logger/*.yaml``. The engine calls it on the main process only:
 ``start`` once (with the run id to continue when resuming), ``log_metrics`` every epoch,
-``log_artifact`` for files, ``finish`` at the end.
+``log_artifact`` for files, ``finish`` at the end. Before a sweep's jobs start, the launching
+process calls ``prepare`` once per job config (``ffsd.hydra_callbacks``), so that shared
+resources (an MLflow experiment) are created once, not raced for by many jobs.
+
+Implementations: :class:`NullTracker` (``logger=none``) and
+:class:`ffsd.mlflow_tracking.MLflowTracker` (``logger=mlflow``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ class Tracker:
 
     #: Identifier of the tracking run (saved in checkpoints so that a resumed job continues it).
     run_id: str | None = None
+
+    def prepare(self, cfg: DictConfig) -> None:
+        """In the launching process, before the jobs of a sweep start; ``cfg``: one job's config."""
 
     def start(self, cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None) -> None:
         """Open (or reopen) the run; ``cfg`` is the whole composed config."""

@@ -22,6 +22,17 @@ def _few_threads():
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _tracking_store(mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # logger=mlflow is the default: keep every test's runs out of the repository's outputs/.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+
+
 def make_cfg(*overrides: str) -> DictConfig:
     """Compose conf/config.yaml with overrides, as launch.py would (without a run directory)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

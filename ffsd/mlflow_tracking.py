@@ -1,0 +1,522 @@
+"""MLflow tracking (``logger=mlflow``): one MLflow run per job, one experiment per sweep.
+
+Where runs go (``conf/logger/mlflow.yaml``): ``logger.tracking_uri`` (by default the
+``MLFLOW_TRACKING_URI`` environment variable), else an SQLite file at ``logger.store`` relative to
+the directory the job was launched from (``hydra.runtime.cwd``), ``outputs/mlflow.db``; runs in
+such a store keep their artifacts in ``mlartifacts/`` beside the file. A relative ``sqlite:///``
+URI is also taken relative to the launch directory, so a job that changes directory or runs on
+another node of a shared file system writes to the same store.
+
+A run holds:
+
+* params: the whole composed config, flattened to dotted keys (``distill.lambda_fusion``). A value
+  longer than MLflow accepts is logged as a pointer to the ``config/params_overflow.yaml``
+  artifact, which holds it whole; nothing is cut.
+* tags: ``ffsd.sweep_dir`` (absolute), ``ffsd.job_num``, ``ffsd.overrides`` (the job's Hydra
+  overrides, a JSON list), ``ffsd.git_commit`` (and MLflow's ``mlflow.source.git.commit``),
+  ``ffsd.git_dirty``, ``ffsd.hostname``, ``ffsd.slurm_job_id`` (and ``ffsd.slurm_array``),
+  ``ffsd.world_size``, ``ffsd.run_dir``, ``ffsd.launch_dir``, ``ffsd.preset``; a resumed run adds
+  ``ffsd.resume_count`` and ``ffsd.resume.<n>`` (host, SLURM job and commit of each resume).
+* metrics: the engine's record of every epoch with ``step=epoch``, then the summary
+  (``best/<net>/top<k>``, ``best_epoch/<net>/top<k>``, ``final/<net>/top<k>``).
+* artifacts: ``config/`` (config.yaml, overrides.yaml, hydra.yaml), ``environment/pip_freeze.txt``,
+  ``logs/`` (Hydra's job log), ``results/`` (metrics.jsonl, summary.json) and
+  ``checkpoints/model_leader_best.pth``.
+
+Resuming: the engine passes the run id saved in ``checkpoints/last.pt``; the same run is
+reopened, never a new one, and any epoch in ``metrics.jsonl`` that the store lacks is sent.
+
+Failures: an unreachable store stops the job in :meth:`MLflowTracker.start`, before the first
+epoch, with the URI and the ways out. After that, tracking never stops training: a call that
+fails is kept and retried before the next one and at the end; whatever is still unsent when the
+job ends is in ``metrics.jsonl``/``summary.json`` and is sent when the job is relaunched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ffsd import provenance
+from ffsd.config import ConfigError
+from ffsd.tracking import Tracker
+
+log = logging.getLogger("ffsd")
+
+ON_MISSING_RUN = ("error", "new")
+OVERFLOW_ARTIFACT = "config/params_overflow.yaml"
+#: In each run directory: the store, experiment and run id the job logged to, as resolved then.
+RUN_RECORD = "mlflow_run.json"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before any training."""
+
+
+# -- where runs go ---------------------------------------------------------------------------
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an ``sqlite:///`` URI (relative as written), else None."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def resolve_tracking_uri(tracking_uri: str | None, store: str, launch_dir: Path) -> str:
+    """``tracking_uri`` if set, else ``sqlite:///<launch_dir>/<store>``; SQLite paths absolute."""
+    uri = str(tracking_uri) if tracking_uri else None
+    if uri is None:
+        path = Path(store).expanduser()
+    else:
+        path = sqlite_path(uri)
+        if path is None:
+            return uri
+    if not path.is_absolute():
+        path = launch_dir / path
+    return f"sqlite:///{path.resolve()}"
+
+
+def artifact_location(uri: str, experiment_name: str) -> str | None:
+    """For an SQLite store, ``mlartifacts/<experiment>/`` beside the file; else the server's."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._/-]", "_", experiment_name).strip("/") or "default"
+    return (db.parent / "mlartifacts" / safe).as_uri()
+
+
+def default_experiment_name(cfg: DictConfig, preset: str | None) -> str:
+    """``ffsd/<experiment preset>``, or ``ffsd/<model>-<dataset>`` without a preset."""
+    if preset:
+        return f"ffsd/{preset}"
+    model = OmegaConf.select(cfg, "model.name", default="model")
+    dataset = OmegaConf.select(cfg, "dataset.name", default="data")
+    return f"ffsd/{model}-{dataset}"
+
+
+def unreachable(uri: str, reason: object, what: str = "is not reachable") -> TrackingError:
+    return TrackingError(
+        f"MLflow tracking store {uri} {what}: {reason}\n"
+        "Nothing was trained. Start the tracking server (README, 'Results and tracking'), point "
+        "logger.tracking_uri (or MLFLOW_TRACKING_URI) at a reachable one, leave both unset to "
+        "use the local SQLite store outputs/mlflow.db, or turn tracking off with logger=none."
+    )
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail fast, without MLflow's minutes of retries, when the store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            return  # something answered; MLflow's own calls report what is wrong
+        except (urllib.error.URLError, OSError) as err:
+            raise unreachable(uri, getattr(err, "reason", err)) from err
+        return
+    db = sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise unreachable(uri, err) from err
+
+
+def get_or_create_experiment(
+    client: MlflowClient, name: str, location: str | None, attempts: int = 5
+) -> str:
+    """The id of experiment ``name``, created if needed; tolerates a concurrent creation."""
+    for attempt in range(attempts):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage != "active":
+                raise TrackingError(
+                    f"MLflow experiment {name!r} is deleted in {client.tracking_uri}: restore it "
+                    f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or choose "
+                    "another logger.experiment_name"
+                )
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            time.sleep(0.1 * (attempt + 1))  # another job created it: read it back
+    raise TrackingError(f"could not create or read MLflow experiment {name!r}")
+
+
+# -- params ----------------------------------------------------------------------------------
+def _param_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def flatten_config(cfg: DictConfig, prefix: str = "") -> dict[str, str]:
+    """Every leaf of ``cfg`` as ``{"a.b.c": value}``, resolved where possible.
+
+    A value that cannot be resolved here (``${hydra:...}`` outside a Hydra app) is kept as
+    written. Lists are one value each (JSON); strings are kept as they are.
+    """
+    out: dict[str, str] = {}
+    for key in cfg:
+        name = f"{prefix}{key}"
+        try:
+            value = cfg[key]
+        except OmegaConfBaseException:
+            out[name] = str(cfg._get_node(key)._value())
+            continue
+        if isinstance(value, DictConfig):
+            out |= flatten_config(value, prefix=f"{name}.")
+        elif isinstance(value, ListConfig):
+            try:
+                out[name] = json.dumps(OmegaConf.to_container(value, resolve=True))
+            except OmegaConfBaseException:
+                out[name] = json.dumps(OmegaConf.to_container(value, resolve=False))
+        else:
+            out[name] = _param_value(value.name if isinstance(value, Enum) else value)
+    return out
+
+
+def split_params(flat: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``(params MLflow accepts, overflow)``: a too-long value becomes a pointer to the overflow
+    artifact; a too-long key lives only there. Together they hold every value whole."""
+    params: dict[str, str] = {}
+    overflow: dict[str, str] = {}
+    for key, value in flat.items():
+        if len(key) > MAX_ENTITY_KEY_LENGTH:
+            overflow[key] = value
+        elif len(value) > MAX_PARAM_VAL_LENGTH:
+            overflow[key] = value
+            params[key] = f"<{len(value)} characters: see artifact {OVERFLOW_ARTIFACT}>"
+        else:
+            params[key] = value
+    return params, overflow
+
+
+def _fit_tag(value: str, artifact: str) -> str:
+    if len(value) <= MAX_TAG_VAL_LENGTH:
+        return value
+    return f"<{len(value)} characters: see artifact {artifact}>"
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# -- the tracker -----------------------------------------------------------------------------
+class MLflowTracker(Tracker):
+    """Logs one job to one MLflow run (see the module docstring for what and where)."""
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        store: str = "outputs/mlflow.db",
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        log_checkpoint: bool = True,
+        connect_timeout_s: float = 10.0,
+        on_missing_run: str = "error",
+    ) -> None:
+        if on_missing_run not in ON_MISSING_RUN:
+            raise ConfigError(
+                f"logger.on_missing_run={on_missing_run!r} is not valid; choose one of: "
+                f"{', '.join(ON_MISSING_RUN)}"
+            )
+        if experiment_name is not None and not str(experiment_name).strip():
+            raise ConfigError(
+                f"logger.experiment_name={experiment_name!r} must be a non-empty name or null"
+            )
+        self.tracking_uri = tracking_uri
+        self.store = store
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.log_checkpoint = bool(log_checkpoint)
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.on_missing_run = on_missing_run
+        self.run_id: str | None = None
+        self.uri: str | None = None
+        self.experiment: str | None = None
+        self.client: MlflowClient | None = None
+        self.run_dir: Path | None = None
+        self.job: provenance.HydraJob | None = None
+        self._pending: list[tuple[str, Callable[[], None]]] = []
+
+    # -- set-up, in the launching process and in the job ------------------------------------
+    def _connect(self, cfg: DictConfig) -> MlflowClient:
+        job = provenance.hydra_job(cfg)
+        self.uri = resolve_tracking_uri(self.tracking_uri, self.store, job.launch_dir)
+        self.experiment = str(self.experiment_name or default_experiment_name(cfg, job.preset))
+        check_reachable(self.uri, self.connect_timeout_s)
+        return MlflowClient(tracking_uri=self.uri)
+
+    def _experiment_id(self, client: MlflowClient) -> str:
+        assert self.uri is not None and self.experiment is not None
+        try:
+            return get_or_create_experiment(
+                client, self.experiment, artifact_location(self.uri, self.experiment)
+            )
+        except MlflowException as err:
+            raise unreachable(self.uri, err, "cannot provide the experiment") from err
+
+    def prepare(self, cfg: DictConfig) -> None:
+        """Create the store and the experiment once, before a sweep's jobs race for them."""
+        client = self._connect(cfg)
+        key = (self.uri, self.experiment)
+        if key in _PREPARED:
+            return
+        self._experiment_id(client)
+        _PREPARED.add(key)
+        log.info("MLflow experiment %r ready in %s", self.experiment, self.uri)
+
+    def start(self, cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None) -> None:
+        self.client = client = self._connect(cfg)
+        self.run_dir = Path(run_dir)
+        self.job = job = provenance.hydra_job()
+        flat = flatten_config(cfg)
+        try:
+            run = client.get_run(resume_run_id) if resume_run_id else None
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise unreachable(self.uri, err, "failed before training") from err
+            if self.on_missing_run == "error":
+                raise TrackingError(
+                    f"{self.run_dir / 'checkpoints' / 'last.pt'} continues MLflow run "
+                    f"{resume_run_id}, which {self.uri} does not have. Point logger.tracking_uri "
+                    "at the store the run started in, or set logger.on_missing_run=new to start "
+                    "a new run holding every epoch so far (from metrics.jsonl)."
+                ) from err
+            log.warning("MLflow run %s is not in %s: starting a new run", resume_run_id, self.uri)
+            run = None
+        try:
+            if run is None:
+                self._create_run(client, cfg, flat, job)
+                resumed = (self.run_dir / "checkpoints" / "last.pt").is_file()
+            else:
+                self._reopen_run(client, run, cfg, flat)
+                resumed = True
+            if resumed:
+                self._backfill(client)
+        except MlflowException as err:
+            if self.run_id is not None:
+                self._terminate("FAILED")
+            raise unreachable(self.uri, err, "failed before training") from err
+        self._flush()
+        self._record_location()
+        log.info("tracking: %s", self.describe())
+
+    def _record_location(self) -> None:
+        # The config's tracking_uri interpolates MLFLOW_TRACKING_URI, which may differ when the
+        # report runs later; this file says where this job's run really is.
+        assert self.run_dir is not None
+        record = {"tracking_uri": self.uri, "experiment": self.experiment, "run_id": self.run_id}
+        (self.run_dir / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+    def _create_run(
+        self, client: MlflowClient, cfg: DictConfig, flat: dict[str, str], job: Any
+    ) -> None:
+        exp_id = self._experiment_id(client)
+        name = self.run_name or ",".join(job.swept_overrides()) or None
+        if name and len(name) > MAX_ENTITY_KEY_LENGTH:
+            name = None  # MLflow picks one; the overrides are in a tag and an artifact
+        tags = self._run_tags(job)
+        run = client.create_run(exp_id, run_name=name, tags=tags)
+        self.run_id = run.info.run_id
+        params, overflow = split_params(flat)
+        self._log_params(client, params, overflow)
+        self._log_start_artifacts(client, cfg, job, prefix="config")
+
+    def _reopen_run(
+        self, client: MlflowClient, run: Any, cfg: DictConfig, flat: dict[str, str]
+    ) -> None:
+        self.run_id = run.info.run_id
+        client.update_run(self.run_id, status="RUNNING")
+        n = int(run.data.tags.get("ffsd.resume_count", "0")) + 1
+        params, overflow = split_params(flat)
+        old = run.data.params
+        new = {k: v for k, v in params.items() if k not in old}
+        changed = {k: {"was": old[k], "now": v} for k, v in params.items() if old.get(k, v) != v}
+        self._log_params(client, new, overflow)
+        here = provenance.machine() | {"git_commit": provenance.git_state()[0]}
+        tags = {"ffsd.resume_count": str(n), f"ffsd.resume.{n}": json.dumps(here)}
+        if changed:
+            # MLflow params cannot change; the new values are kept beside the old ones.
+            artifact = f"config/resume_{n}/changed_params.yaml"
+            client.log_text(self.run_id, yaml.safe_dump(changed), artifact)
+            tags[f"ffsd.resume.{n}.changed_params"] = _fit_tag(", ".join(changed), artifact)
+            log.warning(
+                "resumed MLflow run %s with %d changed config values (%s); MLflow keeps the "
+                "first values as params, the new ones are in artifact %s",
+                self.run_id,
+                len(changed),
+                ", ".join(list(changed)[:5]),
+                artifact,
+            )
+        client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._log_start_artifacts(client, cfg, provenance.hydra_job(), prefix=f"config/resume_{n}")
+
+    def _run_tags(self, job: Any) -> dict[str, str]:
+        commit, dirty = provenance.git_state()
+        tags = {
+            "ffsd.overrides": _fit_tag(json.dumps(job.overrides), "config/overrides.yaml"),
+            "ffsd.git_commit": commit,
+            "mlflow.source.git.commit": commit,
+            "ffsd.git_dirty": "unknown" if dirty is None else str(dirty).lower(),
+            "ffsd.world_size": str(provenance.world_size()),
+            "ffsd.run_dir": str(self.run_dir.resolve()),
+            "ffsd.launch_dir": str(job.launch_dir),
+        }
+        tags |= {f"ffsd.{k}": v for k, v in provenance.machine().items()}
+        if job.sweep_dir is not None:
+            tags["ffsd.sweep_dir"] = str(job.sweep_dir)
+        if job.job_num is not None:
+            tags["ffsd.job_num"] = str(job.job_num)
+        if job.preset:
+            tags["ffsd.preset"] = str(job.preset)
+        return tags
+
+    def _log_params(
+        self, client: MlflowClient, params: dict[str, str], overflow: dict[str, str]
+    ) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+            client.log_batch(self.run_id, params=chunk)
+        if overflow:
+            client.log_text(self.run_id, yaml.safe_dump(overflow), OVERFLOW_ARTIFACT)
+            log.info(
+                "%d config values too long for MLflow params: %s", len(overflow), OVERFLOW_ARTIFACT
+            )
+
+    def _log_start_artifacts(
+        self, client: MlflowClient, cfg: DictConfig | None, job: Any, prefix: str
+    ) -> None:
+        if cfg is not None:
+            client.log_text(self.run_id, OmegaConf.to_yaml(cfg), f"{prefix}/config.yaml")
+        client.log_text(
+            self.run_id, yaml.safe_dump(list(job.overrides)), f"{prefix}/overrides.yaml"
+        )
+        hydra_yaml = (job.output_dir or self.run_dir) / ".hydra" / "hydra.yaml"
+        if hydra_yaml.is_file():
+            client.log_artifact(self.run_id, str(hydra_yaml), prefix)
+        client.log_text(self.run_id, provenance.pip_freeze(), "environment/pip_freeze.txt")
+
+    def _backfill(self, client: MlflowClient) -> None:
+        """Send the epochs of ``metrics.jsonl`` that the run lacks (a resumed job's past)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        logged = {m.step for m in client.get_metric_history(self.run_id, "time/epoch_s")}
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        missing = [r for r in records if int(r["epoch"]) not in logged]
+        for r in missing:
+            metrics = {k: float(v) for k, v in r.items() if k != "epoch"}
+            self.log_metrics(metrics, step=int(r["epoch"]))
+        if missing:
+            log.info("sent %d earlier epochs from %s to MLflow", len(missing), path)
+
+    # -- during the run ---------------------------------------------------------------------
+    def _submit(self, what: str, fn: Callable[[], None]) -> None:
+        self._pending.append((what, fn))
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Send what is pending, in order; on a failure keep it (and what follows) for later."""
+        while self._pending:
+            what, fn = self._pending[0]
+            try:
+                fn()
+            except Exception as err:  # any failure of the store must not stop training
+                log.warning(
+                    "MLflow (%s) failed to record %s; %d item(s) kept, retried later: %s",
+                    self.uri,
+                    what,
+                    len(self._pending),
+                    err,
+                )
+                return False
+            self._pending.pop(0)
+        return True
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        stamp = int(time.time() * 1000)
+        items = [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()]
+        client, run_id = self.client, self.run_id
+
+        def send() -> None:
+            for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=chunk)
+
+        self._submit(f"metrics of step {step}", send)
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        self.log_metrics(metrics, step=0)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        client, run_id = self.client, self.run_id
+        self._submit(
+            f"artifact {path}", lambda: client.log_artifact(run_id, str(path), artifact_path)
+        )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.client is None or self.run_id is None:
+            return
+        run_dir, job = self.run_dir, self.job
+        log_file = None
+        if job is not None and job.job_name:
+            log_file = (job.output_dir or run_dir) / f"{job.job_name}.log"
+        for path, dest in (
+            (log_file, "logs"),
+            (run_dir / "metrics.jsonl", "results"),
+            (run_dir / "summary.json", "results"),
+            (
+                run_dir / "checkpoints" / "model_leader_best.pth" if self.log_checkpoint else None,
+                "checkpoints",
+            ),
+        ):
+            if path is not None and path.is_file():
+                self.log_artifact(path, dest)
+        if not self._flush():
+            log.error(
+                "%d MLflow record(s) of run %s could not be sent to %s. Every epoch is in %s; "
+                "relaunch the same command (trainer.resume=auto) to send what is missing.",
+                len(self._pending),
+                self.run_id,
+                self.uri,
+                run_dir / "metrics.jsonl",
+            )
+        self._terminate(status)
+
+    def _terminate(self, status: str) -> None:
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception as err:  # the run's files are complete; only its status is stale
+            log.error("could not mark MLflow run %s %s: %s", self.run_id, status, err)
+
+    def describe(self) -> str:
+        where = self.uri or "(not started)"
+        hint = ""
+        db = sqlite_path(where) if self.uri else None
+        if db is not None:
+            hint = f"; browse with: mlflow ui --backend-store-uri sqlite:///{db}"
+        return f"MLflow run {self.run_id} in experiment {self.experiment!r} at {where}{hint}"
+
+
+#: (tracking URI, experiment) pairs already prepared in this process.
+_PREPARED: set[tuple[str | None, str | None]] = set()

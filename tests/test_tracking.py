@@ -1,0 +1,242 @@
+"""MLflow tracking in-process: params, store location, experiment races, and store failures.
+
+The launches through Hydra (sweeps, a tracking server, a killed job) are in test_mlflow_runs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
+from omegaconf import OmegaConf
+
+from ffsd import tasks
+from ffsd.config import ConfigError
+from ffsd.mlflow_tracking import (
+    OVERFLOW_ARTIFACT,
+    MLflowTracker,
+    TrackingError,
+    artifact_location,
+    flatten_config,
+    get_or_create_experiment,
+    resolve_tracking_uri,
+    split_params,
+)
+
+from .conftest import make_cfg
+
+# Two batches per epoch, 8 test images: the smallest run that exercises every hook.
+TINY = (
+    "dataset=synthetic",
+    "dataset.train_size=16",
+    "dataset.test_size=8",
+    "model=resnet20",
+    "trainer.batch_size=8",
+    "trainer.test_batch_size=8",
+    "trainer.progress=false",
+    "schedule.milestones=[2]",
+)
+
+
+def runs_of(uri: str, run_dir: Path):
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(ids, f"tags.`ffsd.run_dir` = '{run_dir.resolve()}'")
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "test/leader/top1") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# -- pure functions --------------------------------------------------------------------------
+def test_config_is_flattened_to_dotted_keys_resolved_where_possible():
+    cfg = OmegaConf.create(
+        {
+            "a": {"b": 1, "c": [1, 5], "d": None, "e": True, "f": "x"},
+            "g": 1e-5,
+            "h": "${a.b}",
+            "out": "${hydra:runtime.output_dir}",  # no Hydra app here: kept as written
+        }
+    )
+    flat = flatten_config(cfg)
+    assert flat == {
+        "a.b": "1",
+        "a.c": "[1, 5]",
+        "a.d": "null",
+        "a.e": "true",
+        "a.f": "x",
+        "g": "1e-05",
+        "h": "1",
+        "out": "${hydra:runtime.output_dir}",
+    }
+
+
+def test_the_whole_composed_config_becomes_params():
+    cfg = make_cfg(*TINY, "trainer.output_dir=/somewhere")
+    flat = flatten_config(cfg)
+    assert flat["distill.lambda_fusion"] == "10.0" and flat["model.name"] == "resnet20"
+    assert flat["distill.lambda_student_sd"] == flat["distill.lambda_div"] == "1e-05"
+    assert flat["logger._target_"] == "ffsd.mlflow_tracking.MLflowTracker"
+    leaves = OmegaConf.to_container(cfg, resolve=True)
+
+    def count(node):
+        return sum(count(v) if isinstance(v, dict) else 1 for v in node.values())
+
+    assert len(flat) == count(leaves)
+
+
+def test_too_long_values_point_to_an_artifact_and_nothing_is_cut():
+    long_value = "x" * (MAX_PARAM_VAL_LENGTH + 1)
+    long_key = "k" * (MAX_ENTITY_KEY_LENGTH + 1)
+    params, overflow = split_params({"ok": "1", "big": long_value, long_key: "2"})
+    assert params["ok"] == "1"
+    assert OVERFLOW_ARTIFACT in params["big"] and str(len(long_value)) in params["big"]
+    assert long_key not in params
+    assert overflow == {"big": long_value, long_key: "2"}
+
+
+def test_store_location(tmp_path):
+    launch = tmp_path / "launch"
+    assert resolve_tracking_uri(None, "outputs/mlflow.db", launch) == (
+        f"sqlite:///{launch / 'outputs' / 'mlflow.db'}"
+    )
+    assert resolve_tracking_uri(None, "/abs/m.db", launch) == "sqlite:////abs/m.db"
+    # a relative sqlite URI is relative to the launch directory, not to a job's cwd
+    assert resolve_tracking_uri("sqlite:///x/m.db", "unused", launch) == (
+        f"sqlite:///{launch / 'x' / 'm.db'}"
+    )
+    assert resolve_tracking_uri("http://127.0.0.1:5000", "unused", launch) == (
+        "http://127.0.0.1:5000"
+    )
+    assert artifact_location(f"sqlite:///{launch}/outputs/mlflow.db", "ffsd/a b") == (
+        (launch / "outputs" / "mlartifacts" / "ffsd" / "a_b").as_uri()
+    )
+    assert artifact_location("http://127.0.0.1:5000", "ffsd/x") is None
+
+
+def test_logger_config_values_are_checked():
+    with pytest.raises(ConfigError, match=r"logger\.on_missing_run='maybe'.*error, new"):
+        MLflowTracker(on_missing_run="maybe")
+
+
+# -- the experiment is created once, even when jobs race for it ------------------------------
+def test_concurrent_jobs_share_one_experiment(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # the store's tables exist before the race
+    ids, errors = [], []
+
+    def job():
+        try:
+            ids.append(get_or_create_experiment(MlflowClient(uri), "ffsd/race", None))
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=job) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(ids)) == 1 and len(ids) == 6
+    names = [e.name for e in MlflowClient(uri).search_experiments()]
+    assert names.count("ffsd/race") == 1
+
+
+def test_losing_the_creation_race_reads_the_winners_experiment():
+    class Client:
+        tracking_uri = "fake"
+        calls = 0
+
+        def get_experiment_by_name(self, name):
+            self.calls += 1
+            if self.calls == 1:
+                return None  # not there yet ...
+
+            class Exp:
+                experiment_id, lifecycle_stage = "7", "active"
+
+            return Exp()
+
+        def create_experiment(self, name, artifact_location=None):
+            # ... but another job created it meanwhile
+            raise MlflowException("exists", error_code=RESOURCE_ALREADY_EXISTS)
+
+    assert get_or_create_experiment(Client(), "ffsd/x", None) == "7"
+
+
+# -- store failures --------------------------------------------------------------------------
+def test_unreachable_server_stops_before_any_training(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(
+        *TINY,
+        f"trainer.output_dir={run_dir}",
+        "trainer.epochs=1",
+        "logger.tracking_uri=http://127.0.0.1:9",  # nothing listens on the discard port
+        "logger.connect_timeout_s=2",
+    )
+    with pytest.raises(TrackingError) as err:
+        tasks.train(cfg)
+    message = str(err.value)
+    assert "http://127.0.0.1:9" in message and "logger=none" in message
+    assert "Nothing was trained" in message
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_store_failures_mid_run_never_stop_training_nor_lose_metrics(
+    tmp_path, mlflow_store, monkeypatch, caplog
+):
+    """Epoch 1's metrics fail once (sent with epoch 2's); then the store stays down to the end:
+    training finishes anyway, and relaunching the same command sends what is missing."""
+    run_dir = tmp_path / "run"
+    real = MlflowClient.log_batch
+    calls = {"metrics": 0, "down": True}
+
+    def flaky(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        if metrics:
+            calls["metrics"] += 1
+            if calls["down"] and calls["metrics"] != 2:
+                raise MlflowException("connection reset by peer (simulated)")
+        return real(self, run_id, metrics=metrics, params=params, tags=tags)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky)
+    overrides = (*TINY, f"trainer.output_dir={run_dir}", "trainer.epochs=2")
+    with caplog.at_level(logging.WARNING, logger="ffsd"):
+        tasks.train(make_cfg(*overrides))
+    assert "retried later" in caplog.text and "relaunch the same command" in caplog.text
+    client, runs = runs_of(mlflow_store, run_dir)
+    assert len(runs) == 1 and steps(client, runs[0].info.run_id) == [1]
+    assert "best/leader/top1" not in runs[0].data.metrics
+    calls["down"] = False  # the store is back: the same command resumes (nothing to train)
+    tasks.train(make_cfg(*overrides))
+    client, runs = runs_of(mlflow_store, run_dir)
+    assert len(runs) == 1, "the relaunch continued the run"
+    run = runs[0]
+    assert steps(client, run.info.run_id) == [1, 2]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = client.get_metric_history(run.info.run_id, "train/leader/loss")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
+        r["train/leader/loss"] for r in records
+    ]
+    assert run.data.metrics["best/leader/top1"] == max(r["test/leader/top1"] for r in records)
+    assert run.info.status == "FINISHED"
+
+
+def test_resume_with_a_run_missing_from_the_store_is_a_clear_error(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    overrides = (*TINY, f"trainer.output_dir={run_dir}")
+    tasks.train(make_cfg(*overrides, "trainer.epochs=1"))
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    with pytest.raises(TrackingError, match="on_missing_run=new") as err:
+        tasks.train(make_cfg(*overrides, "trainer.epochs=2"))
+    assert other in str(err.value)
+    # opting in starts a new run that holds every epoch, the first one from metrics.jsonl
+    tasks.train(make_cfg(*overrides, "trainer.epochs=2", "logger.on_missing_run=new"))
+    client, runs = runs_of(other, run_dir)
+    assert len(runs) == 1 and steps(client, runs[0].info.run_id) == [1, 2]
