@@ -388,12 +388,15 @@ class Trainer:
                     )
         record["time/epoch_s"] = time.perf_counter() - start
         self.history.append(record)
-        self.save_state(epoch)
+        # Record the epoch before its checkpoint: a job killed in between re-runs the epoch and
+        # logs it again (readers take the latest value of a step); the other order would resume
+        # past an epoch whose metrics no one had written.
         if self.dist.is_main:
+            self._write_history()
             metrics = {k: float(v) for k, v in record.items() if k != "epoch"}
             self.tracker.log_metrics(metrics, step=epoch)
-            self._write_history()
             log.info(epoch_line(record, self.method.primary_metric, int(self.t.epochs)))
+        self.save_state(epoch)
         self.dist.barrier()
         return record
 
