@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,34 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Two batches per epoch, 8 test images: the smallest run that exercises every hook.
+TINY_RUN = (
+    "dataset=synthetic",
+    "dataset.train_size=16",
+    "dataset.test_size=8",
+    "model=resnet20",
+    "trainer.batch_size=8",
+    "trainer.test_batch_size=8",
+    "trainer.progress=false",
+    "schedule.milestones=[2]",
+)
+
+
+def run_launch(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python launch.py *args`` in a fresh process, output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 CONF = ROOT / "conf"
 
 

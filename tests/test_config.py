@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 from hydra.utils import instantiate
 
 from ffsd.config import ConfigError, group_options, validate
 
-from .conftest import ROOT, make_cfg
+from .conftest import make_cfg, run_launch
 
 PRESETS = group_options("experiment")
 
@@ -103,13 +102,7 @@ def test_all_problems_reported_together():
 
 
 def _launch(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_launch(*args, cwd=cwd, timeout=120)
 
 
 def test_launch_rejects_unknown_group_option_with_the_choices(tmp_path):

@@ -24,34 +24,17 @@ from ffsd import report
 from ffsd.mlflow_tracking import flatten_config
 from ffsd.provenance import git_state
 
-from .conftest import ROOT, make_cfg
+from .conftest import ROOT, TINY_RUN, make_cfg, run_launch
 
 pytestmark = pytest.mark.slow  # each fixture below trains two tiny jobs in a fresh process
 
-TINY = (
-    "dataset=synthetic",
-    "dataset.train_size=16",
-    "dataset.test_size=8",
-    "model=resnet20",
-    "trainer.batch_size=8",
-    "trainer.test_batch_size=8",
-    "trainer.progress=false",
-    "trainer.epochs=2",
-    "schedule.milestones=[2]",
-)
+TINY = (*TINY_RUN, "trainer.epochs=2")
 #: A two-job sweep through the seeds sweep definition, narrowed to two seeds.
 SWEEP = ("+sweep=seeds", "trainer.seed=0,1", *TINY)
 
 
 def launch(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    res = run_launch(*args, cwd=cwd, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import re
 import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -19,7 +18,7 @@ from omegaconf import open_dict
 from ffsd.config import group_options
 from ffsd.hydra_callbacks import sweep_job_overrides
 
-from .conftest import CONF, ROOT, make_cfg
+from .conftest import CONF, ROOT, make_cfg, run_launch
 
 SWEEPS = {
     "lambda_grid": {
@@ -100,13 +99,7 @@ def test_each_job_composes_to_its_values():
 
 
 def launch(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_launch(*args, cwd=cwd, timeout=300)
 
 
 def test_hydra_launches_exactly_the_listed_jobs_and_the_command_line_adjusts_them(tmp_path):

@@ -30,19 +30,9 @@ from ffsd.mlflow_tracking import (
     split_params,
 )
 
-from .conftest import make_cfg
+from .conftest import TINY_RUN, make_cfg
 
-# Two batches per epoch, 8 test images: the smallest run that exercises every hook.
-TINY = (
-    "dataset=synthetic",
-    "dataset.train_size=16",
-    "dataset.test_size=8",
-    "model=resnet20",
-    "trainer.batch_size=8",
-    "trainer.test_batch_size=8",
-    "trainer.progress=false",
-    "schedule.milestones=[2]",
-)
+TINY = TINY_RUN
 
 
 def runs_of(uri: str, run_dir: Path):
