@@ -261,7 +261,7 @@ class MLflowTracker(Tracker):
 
     # -- set-up, in the launching process and in the job ------------------------------------
     def _connect(self, cfg: DictConfig) -> MlflowClient:
-        job = provenance.hydra_job(cfg)
+        self.job = job = provenance.hydra_job(cfg)
         self.uri = resolve_tracking_uri(self.tracking_uri, self.store, job.launch_dir)
         self.experiment = str(self.experiment_name or default_experiment_name(cfg, job.preset))
         check_reachable(self.uri, self.connect_timeout_s)
@@ -289,7 +289,7 @@ class MLflowTracker(Tracker):
     def start(self, cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None) -> None:
         self.client = client = self._connect(cfg)
         self.run_dir = Path(run_dir)
-        self.job = job = provenance.hydra_job()
+        job = self.job
         flat = flatten_config(cfg)
         try:
             run = client.get_run(resume_run_id) if resume_run_id else None
@@ -370,7 +370,7 @@ class MLflowTracker(Tracker):
                 artifact,
             )
         client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        self._log_start_artifacts(client, cfg, provenance.hydra_job(), prefix=f"config/resume_{n}")
+        self._log_start_artifacts(client, cfg, self.job, prefix=f"config/resume_{n}")
 
     def _run_tags(self, job: Any) -> dict[str, str]:
         commit, dirty = provenance.git_state()

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from ffsd import plots
 from ffsd.config import CONF_DIR
 from ffsd.mlflow_tracking import RUN_RECORD, resolve_tracking_uri
+from ffsd.provenance import override_key
 
 #: (column, summary metric logged by the engine) of the table, in order.
 COLUMNS = (
@@ -126,6 +127,11 @@ def resolve_target(target: str, tracking_uri: str | None = None) -> Target:
     return Target(tracking_uri or default_uri(Path.cwd()), experiment=target)
 
 
+def file_safe(name: str) -> str:
+    """``name`` with every character a file name should not hold replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
 def _quote(value: str) -> str:
     return f"'{value}'" if "'" not in value else f'"{value}"'
 
@@ -177,8 +183,8 @@ def override_config(overrides: list[str], seed_keys: tuple[str, ...]) -> dict[st
     """``{key: value}`` of ``key=value`` overrides (``+``/``~`` dropped), seed keys left out."""
     out: dict[str, str] = {}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.lstrip("+~")
+        _, sep, value = item.partition("=")
+        key = override_key(item)
         if sep and key not in seed_keys:
             out[key] = value
     return out
@@ -322,7 +328,7 @@ def draw_sweeps(report: Report, out: Path) -> list[Path]:
         title = f"best leader top-1 vs {key}"
         if others:
             title += "\n(runs of every other setting: " + ", ".join(others) + ")"
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", key)
+        name = file_safe(key)
         paths.append(
             plots.metric_vs_value(
                 points, key, "best leader top-1 (%)", title, out / f"vs_{name}.png"
@@ -402,7 +408,7 @@ def write(
 def default_out(target: Target) -> Path:
     if target.directory is not None:
         return target.directory / "report"
-    return Path("outputs") / "reports" / re.sub(r"[^A-Za-z0-9._-]", "_", target.experiment or "")
+    return Path("outputs") / "reports" / file_safe(target.experiment or "")
 
 
 def main(argv: list[str] | None = None) -> int:
