@@ -18,8 +18,14 @@ NORM_EPS = 1e-12
 
 
 def attention(f: Tensor) -> Tensor:
-    """A(f): mean over channels of f², shape B x 1 x H x W (spec, "Helpers")."""
-    return f.pow(2).mean(1, keepdim=True)
+    """A(f): mean over channels of f², shape B x 1 x H x W (spec, "Helpers").
+
+    Computed as a channel sum divided by C: a mean's backward materializes the gradient it
+    spreads over the channels in NCHW order, so a ``channels_last`` network would get an NCHW
+    gradient at every tap and run its backward in slow mixed-layout kernels. A sum's backward is a
+    broadcast view, and the gradient keeps the feature map's layout.
+    """
+    return f.pow(2).sum(1, keepdim=True) / f.size(1)
 
 
 def normalize(v: Tensor) -> Tensor:
@@ -27,8 +33,26 @@ def normalize(v: Tensor) -> Tensor:
     return F.normalize(v.reshape(v.size(0), -1), p=2.0, dim=1, eps=NORM_EPS)
 
 
+def _memory_order(v: Tensor, like: Tensor) -> Tensor:
+    """``v`` with its dimensions permuted into the order ``like`` is laid out in memory.
+
+    AttnLoss is a mean over elements of per-sample normalized maps, so it does not depend on the
+    order in which a sample's elements are flattened, provided x and y share it. Flattening a
+    ``channels_last`` map in NHWC order is a view; in NCHW order it is a copy, whose backward
+    hands the network an NCHW gradient (see :func:`attention`).
+    """
+    if (
+        like.dim() == 4
+        and not like.is_contiguous()
+        and like.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return v.permute(0, 2, 3, 1)
+    return v
+
+
 def attn_loss(x: Tensor, y: Tensor) -> Tensor:
     """AttnLoss(x, y) = mean over all elements of (n(x) − n(y))² (spec, "Helpers")."""
+    x, y = _memory_order(x, x), _memory_order(y, x)
     return (normalize(x) - normalize(y)).pow(2).mean()
 
 

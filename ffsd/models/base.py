@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from ffsd.models.fusion import TransFusionModule
@@ -90,8 +89,3 @@ def count_parameters(module: nn.Module, *, exclude_prefix: str | None = None) ->
         for name, p in module.named_parameters()
         if p.requires_grad and not (exclude_prefix and name.startswith(exclude_prefix))
     )
-
-
-def global_pool(x: Tensor) -> Tensor:
-    """Average over the whole map then flatten (the release's avgpool(8) on 8x8, view(B, -1))."""
-    return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)

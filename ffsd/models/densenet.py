@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ffsd.models.base import TapNet, global_pool
+from ffsd.models.base import TapNet
+from ffsd.models.pool import global_pool
 
 
 class DenseBasicBlock(nn.Module):

@@ -5,10 +5,10 @@ Parameter names (``conv1``, ``bn1``, ``conv1_1``, ``bn1_1``, ``fc2``) are the re
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ffsd.models.init import init_released
+from ffsd.models.pool import global_pool
 
 
 class FusionModule(nn.Module):
@@ -34,7 +34,7 @@ class FusionModule(nn.Module):
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         x = self.relu1(self.bn1(self.conv1(u)))
         g = self.relu1_1(self.bn1_1(self.conv1_1(x)))
-        logits = self.fc2(torch.flatten(nn.functional.adaptive_avg_pool2d(g, 1), 1))
+        logits = self.fc2(global_pool(g))
         return logits, g
 
 

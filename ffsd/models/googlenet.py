@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ffsd.models.base import TapNet
+from ffsd.models.pool import global_pool
 
 # (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool projection) per inception block, as in the
 # release: its "5x5" branch is two 3x3 convolutions, the middle one as wide as the output.
@@ -87,7 +88,7 @@ class GoogLeNet(TapNet):
         return f1, f2, f3
 
     def classify(self, last_tap: Tensor) -> Tensor:
-        return self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(last_tap, 1), 1))
+        return self.linear(global_pool(last_tap))
 
 
 def googlenet(**kwargs) -> GoogLeNet:

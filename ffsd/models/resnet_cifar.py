@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ffsd.models.base import TapNet, global_pool
+from ffsd.models.base import TapNet
+from ffsd.models.pool import global_pool
 
 
 class BasicBlock(nn.Module):

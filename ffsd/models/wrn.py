@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ffsd.models.base import TapNet, global_pool
+from ffsd.models.base import TapNet
+from ffsd.models.pool import global_pool
 
 
 class WideBasic(nn.Module):
