@@ -15,6 +15,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ffsd.preemption import parse_signal
+from ffsd.runtime import MALLOPT_MAX_MB
 
 #: The project's config tree (a source checkout; launch.py composes from it).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -47,7 +48,9 @@ class _Checker:
     def get(self, key: str):
         return OmegaConf.select(self.cfg, key, throw_on_missing=False, default=None)
 
-    def number(self, key: str, *, integer: bool = False, low=None, strict_low=None) -> None:
+    def number(
+        self, key: str, *, integer: bool = False, low=None, strict_low=None, high=None
+    ) -> None:
         value = self.get(key)
         kind = "an integer" if integer else "a number"
         ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not (
@@ -60,6 +63,8 @@ class _Checker:
             self.errors.append(f"{key}={value!r} is not allowed: must be >= {low}")
         if strict_low is not None and value <= strict_low:
             self.errors.append(f"{key}={value!r} is not allowed: must be > {strict_low}")
+        if high is not None and value > high:
+            self.errors.append(f"{key}={value!r} is not allowed: must be <= {high}")
 
     def choice(self, key: str, choices: list[str] | tuple[str, ...]) -> None:
         value = self.get(key)
@@ -86,6 +91,9 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N"
         )
 
+    for key in ("trainer.host_malloc.mmap_threshold_mb", "trainer.host_malloc.trim_threshold_mb"):
+        if c.get(key) is not None:
+            c.number(key, integer=True, low=1, high=MALLOPT_MAX_MB)
     c.choice("trainer.precision", ("fp32", "bf16"))
     for key in ("trainer.channels_last", "trainer.compile.enabled"):
         if not isinstance(c.get(key), bool):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ffsd.config import ConfigError, validate
 from ffsd.models.base import LogitsOnly
-from ffsd.runtime import resolve_device, set_threads
+from ffsd.runtime import resolve_device, set_threads, tune_host_malloc
 from ffsd.tracking import Tracker
 from ffsd.weights import build_network, check_network_choice, read_network_checkpoint
 
@@ -208,6 +208,7 @@ def evaluate_checkpoint(
         raise ConfigError(f"task.worst_classes={worst_classes!r} must be an integer >= 0")
     device = resolve_device(cfg.trainer.device)
     set_threads(cfg.trainer.threads)
+    tune_host_malloc(**cfg.trainer.host_malloc)
     data = build_data(cfg)  # checks the files are there; reads nothing yet
     ckpt = read_network_checkpoint(path, network)
     log.info(ckpt.describe())

@@ -21,7 +21,7 @@ from ffsd.config import validate
 from ffsd.data.base import DataModule
 from ffsd.distributed import DistContext
 from ffsd.engine import Trainer
-from ffsd.runtime import resolve_device, seed_everything, set_threads
+from ffsd.runtime import resolve_device, seed_everything, set_threads, tune_host_malloc
 from ffsd.tracking import NullTracker
 
 log = logging.getLogger("ffsd")
@@ -42,6 +42,7 @@ def build_trainer(cfg: DictConfig, ctx: DistContext) -> Trainer:
     if not threads and ctx.local_world_size > 1:  # share the node's cores between its ranks
         threads = distributed.default_threads(ctx.local_world_size)
     set_threads(threads)
+    malloc = tune_host_malloc(**cfg.trainer.host_malloc)
     data = build_data(cfg)
     seed_everything(int(cfg.trainer.seed))
     method = ffsd.build_method(cfg, data.num_classes, ctx.device)
@@ -59,6 +60,10 @@ def build_trainer(cfg: DictConfig, ctx: DistContext) -> Trainer:
     log.info("run directory: %s", run_dir)
     log.info("%s on %s; %s", cfg.model.name, ctx.device, data.describe())
     log.info("speed options: %s", ", ".join(applied) if applied else "none (eager fp32)")
+    log.info(
+        "host malloc: %s",
+        ", ".join(f"{k}={v}" for k, v in malloc.items()) if malloc else "the C library's defaults",
+    )
     return Trainer(cfg, method, data, run_dir=run_dir, tracker=tracker, dist=ctx)
 
 

@@ -79,6 +79,14 @@ def test_every_model_option_matches_its_class():
         ("trainer.batch_size=0", ["trainer.batch_size=0", ">= 1"]),
         ("trainer.batch_size=abc", ["trainer.batch_size='abc'", "integer"]),
         ("trainer.device=tpu", ["trainer.device='tpu'", "auto, cpu, cuda"]),
+        (
+            "trainer.host_malloc.mmap_threshold_mb=4096",
+            ["trainer.host_malloc.mmap_threshold_mb=4096", "<= 2047"],
+        ),
+        (
+            "trainer.host_malloc.trim_threshold_mb=0",
+            ["trainer.host_malloc.trim_threshold_mb=0", ">= 1"],
+        ),
         ("dataset.topk=[1,200]", ["dataset.topk", "<= dataset.num_classes"]),
         (
             "model=resnet18",
