@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import ffsd  # noqa: E402
 from ffsd.acceleration import accelerate  # noqa: E402
+from ffsd.runtime import tune_host_malloc  # noqa: E402
 
 
 def machine() -> dict:
@@ -45,6 +47,7 @@ def machine() -> dict:
         "cores": len(os.sched_getaffinity(0)),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -100,21 +103,41 @@ def bench_step(args: argparse.Namespace) -> dict:
     x = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(dev)
     y = torch.randint(100, (args.batch_size,), generator=g).to(dev)
     method.begin_epoch(6)
+    if args.release_shaped:
+        # The release's iteration, as tests/test_method.py writes it to check ffsd against:
+        # a backward and an optimizer step per loss, and a .item() per loss as its logging does.
+        from tests.test_method import Reference
+
+        reference = Reference(method)
+
+        def step() -> dict:
+            return {"loss": torch.tensor(reference.step(x, y, 6, read_losses=True))}
+    else:
+
+        def step() -> dict:
+            return method.step(x, y, 6)
+
     for _ in range(args.warmup):
-        method.step(x, y, 6)
+        step()
     sync(dev)
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         t = time.perf_counter()
-        terms = method.step(x, y, 6)
+        terms = step()
         sync(dev)
         times.append(time.perf_counter() - t)
-    assert all(torch.isfinite(v) for v in terms.values())
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    assert all(torch.isfinite(v).all() for v in terms.values())
     step_s = statistics.median(times)
     return {
         "bench": "step",
+        "iteration": "release-shaped" if args.release_shaped else "ffsd",
         "images_per_s": args.batch_size / step_s,
         "ms_per_step": step_s * 1e3,
+        # Host page faults: memory the step hands back to the kernel and touches again.
+        "minor_faults_per_step": faults / args.steps,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "applied": applied,
     }
 
@@ -209,14 +232,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-step", action="store_true", help="skip the in-memory step benchmark")
+    p.add_argument(
+        "--release-shaped",
+        action="store_true",
+        help="time the release's iteration (a backward, step and .item() per loss; "
+        "tests/test_method.py's reference) instead of ffsd's",
+    )
     p.add_argument("--epoch", action="store_true", help="also time an epoch with input")
     p.add_argument("--epoch-images", type=int, default=2560)
     p.add_argument("--pipeline", default="tensor", choices=["tensor", "dataloader"])
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (dataloader)")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
     args = p.parse_args()
+    if args.release_shaped and (args.channels_last or args.compile or args.precision != "fp32"):
+        p.error("--release-shaped times the release's eager fp32 iteration; drop the speed options")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # As training does: trainer.host_malloc from the composed config (and its overrides).
+    host_malloc = compose(args, "synthetic", []).trainer.host_malloc
+    malloc_applied = tune_host_malloc(**host_malloc)
     common = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -228,6 +262,7 @@ def main() -> None:
             "compile": args.compile,
             "compile_mode": args.compile_mode,
             "overrides": args.override,
+            "host_malloc": malloc_applied or "C library defaults",
         },
         "machine": machine(),
     }

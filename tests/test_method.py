@@ -87,7 +87,9 @@ class Reference:
         w = math.exp(-5 * (1 - epoch / 5) ** 2) if epoch <= 5 else 1.0
         return div * w, fusion * w, sd * w
 
-    def step(self, x, y, epoch, student_sd_weight=None):
+    def step(self, x, y, epoch, student_sd_weight=None, read_losses=False):
+        """One iteration; with ``read_losses``, reads each loss to the host as the release logs."""
+        read = []
         lam_div, lam_fusion, lam_sd = self.lambdas(epoch)
         lam_ssd = lam_div if student_sd_weight is None else student_sd_weight
         for m in [*self.students, self.leader, self.fusion]:
@@ -111,10 +113,12 @@ class Reference:
             self.opt[i].zero_grad()
             loss.backward()
             self.opt[i].step()
+            read += [loss.item()] if read_losses else []
         loss_f = F.cross_entropy(zf, y) + self.t**2 * _kl(zf, ens, self.t)
         self.opt_fusion.zero_grad()
         loss_f.backward()
         self.opt_fusion.step()
+        read += [loss_f.item()] if read_losses else []
         loss_l = F.cross_entropy(lo.logits, y) + self.t**2 * _kl(lo.logits, zf, self.t)
         loss_l = loss_l + lam_fusion * _attn(_a(lo.taps[-1]), _a(g.detach()))
         loss_l = loss_l + lam_fusion * _attn(_a(lo.trans), _a(u))
@@ -122,6 +126,7 @@ class Reference:
         self.opt_leader.zero_grad()
         loss_l.backward()
         self.opt_leader.step()
+        read += [loss_l.item()] if read_losses else []
         pairs = [
             (self.decoders[i - 1], self.opt_dec[i - 1], outs[i].taps) for i in range(1, self.n)
         ]
@@ -136,6 +141,8 @@ class Reference:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            read += [loss.item()] if read_losses else []
+        return read
 
     def state(self):
         mods = [*self.students, self.leader, self.fusion, *self.decoders, self.leader_decoder]
