@@ -6,8 +6,10 @@ Prints one JSON line per measurement, each with the options and the machine it r
   optimizer) on a batch already on the device, median over ``--steps`` timed steps.
 * ``"bench": "epoch"``: images/s of a training epoch of ``--epoch-images`` CIFAR-shaped images
   through the real data module (``--pipeline tensor``: batches cut and augmented as tensors on the
-  device; ``dataloader``: torchvision's per-image PIL transforms in DataLoader workers), and its
-  overhead over the same number of steps on data in memory.
+  device; ``dataloader``: torchvision's per-image PIL transforms in DataLoader workers), its
+  overhead over the same number of steps on data in memory, and the pipeline's time alone.
+* ``--release-shaped``: the release's iteration (tests/test_method.py's reference) instead of
+  ffsd's, as a baseline on the same machine.
 
 Examples::
 
@@ -190,29 +192,55 @@ def bench_epoch(args: argparse.Namespace) -> dict:
             method.step(images, labels, 6)
             break
         sync(dev)
-        loader = data.train_loader(args.batch_size, seed=0, epoch=2, device=dev)
-        n_batches = len(loader)
-        t = time.perf_counter()
-        for images, labels in loader:
-            method.step(images, labels, 6)
-        sync(dev)
-        epoch_s = time.perf_counter() - t
-        # The same number of steps on one batch already in memory: the pipeline's overhead.
-        t = time.perf_counter()
-        for k in range(n_batches):
-            n = args.batch_size if k < n_batches - 1 else args.epoch_images - k * args.batch_size
-            method.step(x[:n], y[:n], 6)
-        sync(dev)
-        memory_s = time.perf_counter() - t
+        n_batches = len(data.train_loader(args.batch_size, seed=0, epoch=2, device=dev))
+
+        def epoch(k: int) -> float:
+            t = time.perf_counter()
+            for images, labels in data.train_loader(args.batch_size, seed=0, epoch=k, device=dev):
+                method.step(images, labels, 6)
+            sync(dev)
+            return time.perf_counter() - t
+
+        def in_memory() -> float:  # the same steps on one batch already in memory
+            t = time.perf_counter()
+            for k in range(n_batches):
+                n = (
+                    args.batch_size
+                    if k < n_batches - 1
+                    else args.epoch_images - k * args.batch_size
+                )
+                method.step(x[:n], y[:n], 6)
+            sync(dev)
+            return time.perf_counter() - t
+
+        def pipeline_alone(k: int) -> float:  # the batches alone, no training
+            t = time.perf_counter()
+            for images, _ in data.train_loader(args.batch_size, seed=0, epoch=k, device=dev):
+                images.sum()  # touch them, as a step would
+            sync(dev)
+            return time.perf_counter() - t
+
+        # Alternated, so that drifts of the machine's speed hit both alike; medians reported.
+        epochs, memory, alone = [], [], []
+        for k in range(args.epoch_repeats):
+            epochs.append(epoch(2 + k))
+            memory.append(in_memory())
+            alone.append(pipeline_alone(2 + k))
+        epoch_s, memory_s, alone_s = map(statistics.median, (epochs, memory, alone))
     return {
         "bench": "epoch",
         "pipeline": args.pipeline,
         "workers": args.workers,
         "epoch_images": args.epoch_images,
+        "repeats": args.epoch_repeats,
         "epoch_s": epoch_s,
         "images_per_s": args.epoch_images / epoch_s,
         "in_memory_s": memory_s,
         "pipeline_overhead_pct": 100.0 * (epoch_s - memory_s) / memory_s,
+        # The pipeline's own time over the training steps': what it can add at most when
+        # nothing overlaps it (0 workers, or the GPU-resident pipeline in the training stream).
+        "pipeline_alone_s": alone_s,
+        "pipeline_alone_pct": 100.0 * alone_s / memory_s,
         "epoch_s_per_50k": epoch_s * 50_000 / args.epoch_images,
         "applied": applied,
     }
@@ -240,6 +268,9 @@ def main() -> None:
     )
     p.add_argument("--epoch", action="store_true", help="also time an epoch with input")
     p.add_argument("--epoch-images", type=int, default=2560)
+    p.add_argument(
+        "--epoch-repeats", type=int, default=3, help="epochs timed, alternated with in-memory"
+    )
     p.add_argument("--pipeline", default="tensor", choices=["tensor", "dataloader"])
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (dataloader)")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")

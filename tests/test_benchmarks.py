@@ -1,0 +1,48 @@
+"""benchmarks/step.py keeps running: its JSON lines carry the figures and the record of the run.
+
+Only the output's shape is checked; speed itself is measured by hand (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+TINY = ["--model", "resnet20", "--batch-size", "8", "--steps", "1", "--warmup", "1"]
+
+
+def bench(*args: str) -> list[dict]:
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step.py"), *TINY, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def test_step_and_epoch_lines_record_figures_options_and_machine():
+    step, epoch = bench("--epoch", "--epoch-images", "20", "--epoch-repeats", "1")
+    for line in (step, epoch):
+        assert line["model"] == "resnet20" and line["batch_size"] == 8
+        assert line["options"]["host_malloc"] != {} and "cpu_capability" in line["machine"]
+        assert line["images_per_s"] > 0
+    assert step["bench"] == "step" and step["iteration"] == "ffsd"
+    assert step["minor_faults_per_step"] >= 0 and step["peak_rss_mb"] > 0
+    assert epoch["bench"] == "epoch" and epoch["pipeline"] == "tensor"
+    assert epoch["epoch_s"] > 0 and epoch["in_memory_s"] > 0 and epoch["pipeline_alone_s"] > 0
+
+
+def test_release_shaped_baseline_and_glibc_defaults_by_override():
+    (step,) = bench(
+        "--release-shaped",
+        "--override",
+        "trainer.host_malloc.mmap_threshold_mb=null",
+        "trainer.host_malloc.trim_threshold_mb=null",
+    )
+    assert step["iteration"] == "release-shaped" and step["images_per_s"] > 0
+    assert step["options"]["host_malloc"] == "C library defaults"
