@@ -59,7 +59,7 @@ def tune_host_malloc(
     PyTorch takes every CPU tensor from malloc. With glibc's defaults, a block above the mmap
     threshold (dynamic, at most 32 MB) gets its own mapping, unmapped when freed, and free memory at
     the heap's top beyond the trim threshold goes back to the kernel: each training step then
-    page-faults its activations in again, 50,000 to 75,000 minor faults per ResNet-32 step at
+    page-faults its activations in again, up to 75,000 minor faults per ResNet-32 step at
     batch 128 (benchmarks/README.md), each one a trap plus a zeroed page. With both thresholds
     raised, steps reuse the heap as a caching allocator would, and the resident set stays near
     the step's peak, which the step reaches anyway (ResNet-32, WRN-40-2: the same peak as with
