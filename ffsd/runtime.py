@@ -51,6 +51,11 @@ def set_threads(num_threads: int | None) -> None:
         torch.set_num_threads(int(num_threads))
 
 
+def has_glibc_malloc() -> bool:
+    """Whether this process's C library is glibc on Linux, whose ``mallopt`` host_malloc sets."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def tune_host_malloc(
     mmap_threshold_mb: int | None, trim_threshold_mb: int | None
 ) -> dict[str, int]:
@@ -82,7 +87,7 @@ def tune_host_malloc(
     wanted = {key: mb for key, mb in wanted.items() if mb is not None}
     if not wanted:
         return {}
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc_malloc():
         log.debug("trainer.host_malloc: the C library is not glibc; left as it is")
         return {}
     mallopt = ctypes.CDLL(None).mallopt

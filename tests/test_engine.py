@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import torch
 import ffsd.models as M
 from ffsd import tasks
 from ffsd.checkpoint import CheckpointError, safe_load
+from ffsd.runtime import has_glibc_malloc
 
 from .conftest import ROOT, make_cfg, write_tiny_cifar100
 
@@ -164,7 +164,7 @@ def test_launch_trains_on_tiny_cifar100_through_the_real_loader(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "leader/top1" in res.stdout
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if has_glibc_malloc():
         assert "host malloc: mmap_threshold_mb=1024, trim_threshold_mb=1024" in res.stdout
     assert (run_dir / "checkpoints" / "model_leader_best.pth").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()

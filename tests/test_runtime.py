@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +9,7 @@ from pathlib import Path
 import pytest
 
 from ffsd import runtime
-from ffsd.runtime import MALLOPT_MAX_MB, tune_host_malloc
-
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+from ffsd.runtime import MALLOPT_MAX_MB, has_glibc_malloc, tune_host_malloc
 
 # Allocates, fills and frees a 64 MB tensor (larger than glibc's largest dynamic mmap threshold)
 # over and over, as a training step does its activations. Prints what was applied, the minor
@@ -70,7 +67,7 @@ def thp_always() -> bool:
         return False
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+@pytest.mark.skipif(not has_glibc_malloc(), reason="mallopt is glibc's")
 def test_tuned_malloc_reuses_freed_tensor_memory_instead_of_faulting_it_in_again():
     applied, tuned, growth = faults_of_cycles("1024", "1024")
     assert applied == "{'mmap_threshold_mb': 1024, 'trim_threshold_mb': 1024}"
