@@ -19,10 +19,10 @@ from hydra.errors import CompactHydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ffsd.checkpoint import CheckpointError
 from ffsd.config import ConfigError
 from ffsd.data.base import DataNotFoundError
-from ffsd.export import ExportError
+from ffsd.tasks.export import ExportError
+from ffsd.training.checkpoint import CheckpointError
 
 #: Errors whose message says everything a user needs to fix the command.
 USER_ERRORS = (ConfigError, CheckpointError, DataNotFoundError, ExportError)

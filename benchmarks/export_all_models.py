@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from ffsd.config import CONF_DIR, group_options
-from ffsd.export import ExportError
+from ffsd.tasks.export import ExportError
 
 
 def compose_cfg(*overrides: str):

@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ffsd  # noqa: E402
-from ffsd.acceleration import accelerate  # noqa: E402
-from ffsd.runtime import tune_host_malloc  # noqa: E402
+from ffsd.training.acceleration import accelerate  # noqa: E402
+from ffsd.training.runtime import tune_host_malloc  # noqa: E402
 
 
 def machine() -> dict:

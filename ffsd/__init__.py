@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
     from omegaconf import DictConfig
 
-    from ffsd.method import OnlineMethod
+    from ffsd.methods.base import OnlineMethod
 
 
 def build_method(
@@ -29,21 +29,13 @@ def build_method(
 
     ``device`` defaults to ``cfg.trainer.device`` (``auto`` picks CUDA when available).
     """
-    from hydra.utils import instantiate
-
-    from ffsd.runtime import resolve_device
+    # Imported here so that ``import ffsd`` (and ``python -m ffsd.report``) stays torch-free.
+    from ffsd.methods.build import instantiate_method
+    from ffsd.training.runtime import resolve_device
 
     if device is None:
         device = resolve_device(cfg.trainer.device)
-    make = instantiate(cfg.distill, _partial_=True)
-    return make(
-        net=instantiate(cfg.model.net, _partial_=True),
-        optim={name: instantiate(node, _partial_=True) for name, node in cfg.optim.items()},
-        schedule=instantiate(cfg.schedule),
-        num_classes=num_classes,
-        topk=list(cfg.dataset.topk),
-        device=device,
-    )
+    return instantiate_method(cfg, num_classes, device)
 
 
 __all__ = ["__version__", "build_method"]

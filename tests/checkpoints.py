@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 import ffsd.models as M
-from ffsd.tracking import Tracker
+from ffsd.tracking.base import Tracker
 
 
 def randomize_bn(net: nn.Module, seed: int = 0) -> nn.Module:

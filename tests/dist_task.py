@@ -1,7 +1,7 @@
 """Test-only task and tracker for runs launched in subprocesses (torchrun, submitit).
 
-``task._target_=tests.dist_task.train_and_dump`` trains exactly like ``ffsd.tasks.train`` and then
-writes what this rank holds (every network's parameters and buffers) to
+``task._target_=tests.dist_task.train_and_dump`` trains exactly like ``ffsd.tasks.train.run``
+and then writes what this rank holds (every network's parameters and buffers) to
 ``<run dir>/rank<r>_state.pt``, so a test can compare the ranks' replicas after the run.
 ``logger._target_=tests.dist_task.RecordingTracker`` appends every tracker call, tagged with the
 process's rank, to ``<run dir>/tracker_calls.jsonl``.
@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from ffsd import distributed, tasks
-from ffsd.config import validate
-from ffsd.runtime import resolve_device
-from ffsd.tracking import Tracker
+from ffsd.tasks import train as train_task
+from ffsd.tasks.validation import validate
+from ffsd.tracking.base import Tracker
+from ffsd.training import distributed
+from ffsd.training.runtime import resolve_device
 
 
 def train_and_dump(cfg: DictConfig) -> float:
@@ -28,7 +29,7 @@ def train_and_dump(cfg: DictConfig) -> float:
     with distributed.session(
         cfg.trainer.distributed.backend, resolve_device(cfg.trainer.device)
     ) as ctx:
-        trainer = tasks.build_trainer(cfg, ctx)
+        trainer = train_task.build_trainer(cfg, ctx)
         summary = trainer.fit()
         state = {k: m.state_dict() for k, m in trainer.method.modules().items()}
         torch.save(state, trainer.run_dir / f"rank{ctx.rank}_state.pt")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import ffsd
-from ffsd.acceleration import accelerate
-from ffsd.config import ConfigError, validate
+from ffsd.config import ConfigError
+from ffsd.tasks.validation import validate
+from ffsd.training.acceleration import accelerate
 
 from .conftest import make_cfg
 

@@ -7,7 +7,8 @@ import subprocess
 import pytest
 from hydra.utils import instantiate
 
-from ffsd.config import ConfigError, group_options, validate
+from ffsd.config import ConfigError, group_options
+from ffsd.tasks.validation import validate
 
 from .conftest import make_cfg, run_launch
 

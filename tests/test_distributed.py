@@ -19,12 +19,13 @@ import torch
 from omegaconf import OmegaConf
 
 import ffsd
-from ffsd import distributed
-from ffsd.checkpoint import safe_load
-from ffsd.config import ConfigError, validate
+from ffsd.config import ConfigError
 from ffsd.data.base import ShardSampler
-from ffsd.distributed import DistContext, DistributedSetupError
-from ffsd.tasks import build_data
+from ffsd.data.build import build_data
+from ffsd.tasks.validation import validate
+from ffsd.training import distributed
+from ffsd.training.checkpoint import safe_load
+from ffsd.training.distributed import DistContext, DistributedSetupError
 
 from .conftest import ROOT, make_cfg
 

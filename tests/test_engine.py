@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import ffsd.models as M
-from ffsd import tasks
-from ffsd.checkpoint import CheckpointError, safe_load
-from ffsd.runtime import has_glibc_malloc
+from ffsd.tasks import train as train_task
+from ffsd.training.checkpoint import CheckpointError, safe_load
+from ffsd.training.runtime import has_glibc_malloc
 
 from .conftest import ROOT, make_cfg, write_tiny_cifar100
 
@@ -30,7 +30,7 @@ TINY = (
 
 def run(tmp, *overrides):
     cfg = make_cfg(*TINY, f"trainer.output_dir={tmp}", *overrides)
-    best = tasks.train(cfg)
+    best = train_task.run(cfg)
     return cfg, best
 
 

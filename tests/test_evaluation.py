@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from ffsd import tasks
-from ffsd.checkpoint import CheckpointError
 from ffsd.config import ConfigError
+from ffsd.tasks import train as train_task
+from ffsd.training.checkpoint import CheckpointError
 
 from .checkpoints import RecordingTracker, run_task, write_release
 from .conftest import ROOT, make_cfg, write_tiny_cifar100
@@ -138,7 +138,7 @@ def test_release_student_evaluates_like_the_network_in_memory(tmp_path):
 def trained(tmp_path_factory):
     """A one-epoch tiny FFSD run: its last.pt, model_leader_best.pth and metrics."""
     run_dir = tmp_path_factory.mktemp("run")
-    tasks.train(make_cfg(*TINY_TRAIN, f"trainer.output_dir={run_dir}", "trainer.epochs=1"))
+    train_task.run(make_cfg(*TINY_TRAIN, f"trainer.output_dir={run_dir}", "trainer.epochs=1"))
     metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     return run_dir, metrics
 

@@ -11,7 +11,7 @@ import torch
 
 import ffsd.models as M
 from ffsd.config import ConfigError
-from ffsd.export import Exporter, ExportError, check_export, onnx_initializers
+from ffsd.tasks.export import Exporter, ExportError, check_export, onnx_initializers
 
 from .checkpoints import run_task, write_release
 from .conftest import make_cfg, write_tiny_cifar100

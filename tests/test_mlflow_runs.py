@@ -20,9 +20,9 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from ffsd import report
-from ffsd.mlflow_tracking import flatten_config
-from ffsd.provenance import git_state
+from ffsd.report import summary as report
+from ffsd.tracking.mlflow_tracker import flatten_config
+from ffsd.tracking.provenance import git_state
 
 from .conftest import ROOT, TINY_RUN, make_cfg, run_launch
 
@@ -236,7 +236,7 @@ def test_killed_job_resumes_its_mlflow_run(tmp_path, mlflow_store):
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 sys.argv = ["launch.py", *{args!r}]
-from ffsd.engine import Trainer
+from ffsd.training.engine import Trainer
 save = Trainer.save_state
 def save_then_die(self, epoch, *a, **k):
     save(self, epoch, *a, **k)

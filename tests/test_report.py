@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from PIL import Image
 
-from ffsd import report
+from ffsd.report import summary as report
 
 LAMBDAS = ("1", "10", "100")
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffsd import tasks
-from ffsd.checkpoint import atomic_save, safe_load
-from ffsd.distributed import DistContext
-from ffsd.preemption import PreemptionGuard, parse_signal, quiet_worker
+from ffsd.data.workers import quiet_worker
+from ffsd.tasks import train as train_task
+from ffsd.training.checkpoint import atomic_save, safe_load
+from ffsd.training.distributed import DistContext
+from ffsd.training.preemption import PreemptionGuard, parse_signal
 
 from .conftest import ROOT, make_cfg
 
@@ -41,7 +42,7 @@ BATCHES = 16
 
 def run_inprocess(run_dir: Path, *overrides: str) -> dict:
     cfg = make_cfg(*TINY, f"trainer.output_dir={run_dir}", "trainer.progress=false", *overrides)
-    tasks.train(cfg)
+    train_task.run(cfg)
     return cfg
 
 
@@ -226,7 +227,7 @@ def test_resume_message_names_the_position(tmp_path, caplog):
 
     previous = signal.signal(signal.SIGUSR2, requeue)
     try:
-        trainer = tasks.build_trainer(cfg, DistContext())
+        trainer = train_task.build_trainer(cfg, DistContext())
         step = trainer.method.step
         count = {"n": 0}
 
@@ -247,7 +248,7 @@ def test_resume_message_names_the_position(tmp_path, caplog):
     assert not (run_dir / "metrics.jsonl").exists()
 
     with caplog.at_level("INFO", logger="ffsd"):
-        tasks.train(cfg)
+        train_task.run(cfg)
     assert "inside epoch 1, after batch 6 of 16" in caplog.text
     straight = tmp_path / "straight"
     run_inprocess(straight, "trainer.epochs=1")
@@ -263,7 +264,7 @@ def test_handler_that_returns_lets_training_continue(tmp_path):
     calls = []
     previous = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))
     try:
-        trainer = tasks.build_trainer(cfg, DistContext())
+        trainer = train_task.build_trainer(cfg, DistContext())
         step = trainer.method.step
 
         def step_then_signal(images, labels, epoch):

@@ -1,4 +1,4 @@
-"""ffsd.runtime.tune_host_malloc: glibc keeps freed tensor memory, so steps stop page-faulting."""
+"""tune_host_malloc (ffsd.training.runtime): glibc keeps freed tensor memory; no page faults."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ffsd import runtime
-from ffsd.runtime import MALLOPT_MAX_MB, has_glibc_malloc, tune_host_malloc
+from ffsd.training import runtime
+from ffsd.training.runtime import MALLOPT_MAX_MB, has_glibc_malloc, tune_host_malloc
 
 # Allocates, fills and frees a 64 MB tensor (larger than glibc's largest dynamic mmap threshold)
 # over and over, as a training step does its activations. Prints what was applied, the minor
@@ -18,7 +18,7 @@ from ffsd.runtime import MALLOPT_MAX_MB, has_glibc_malloc, tune_host_malloc
 CYCLES = """
 import resource, sys
 import torch
-from ffsd.runtime import tune_host_malloc
+from ffsd.training.runtime import tune_host_malloc
 
 arg = lambda v: None if v == "null" else int(v)
 print(tune_host_malloc(arg(sys.argv[1]), arg(sys.argv[2])))

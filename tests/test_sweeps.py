@@ -1,7 +1,7 @@
 """Sweep definitions (sweeps/*.yaml, ``python launch.py -m +sweep=<name>``) list the right jobs.
 
 Job lists come from Hydra's basic sweeper on the composed sweep config (what
-``ffsd.hydra_callbacks`` does before a sweep starts); one sweep is launched for real through
+``ffsd.tasks.hydra_callbacks`` does before a sweep starts); one sweep is launched for real through
 ``launch.py`` with a task that trains nothing, and its jobs must match.
 """
 
@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from ffsd.config import group_options
-from ffsd.hydra_callbacks import sweep_job_overrides
+from ffsd.tasks.hydra_callbacks import sweep_job_overrides
 
 from .conftest import CONF, ROOT, make_cfg, run_launch
 

@@ -144,7 +144,8 @@ def test_epoch_replays_exactly_and_skipping_keeps_later_batches(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["cifar100", "imagenet"])
 def test_pipeline_choice_is_validated(dataset, tmp_path):
-    from ffsd.config import ConfigError, validate
+    from ffsd.config import ConfigError
+    from ffsd.tasks.validation import validate
 
     cfg = make_cfg(f"dataset={dataset}", "dataset.pipeline=gpu", "trainer.output_dir=/unused")
     with pytest.raises(ConfigError, match=r"dataset\.pipeline='gpu'.*tensor, dataloader"):

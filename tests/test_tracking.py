@@ -17,9 +17,9 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 from omegaconf import OmegaConf
 
-from ffsd import tasks
 from ffsd.config import ConfigError
-from ffsd.mlflow_tracking import (
+from ffsd.tasks import train as train_task
+from ffsd.tracking.mlflow_tracker import (
     OVERFLOW_ARTIFACT,
     MLflowTracker,
     TrackingError,
@@ -73,7 +73,7 @@ def test_the_whole_composed_config_becomes_params():
     flat = flatten_config(cfg)
     assert flat["distill.lambda_fusion"] == "10.0" and flat["model.name"] == "resnet20"
     assert flat["distill.lambda_student_sd"] == flat["distill.lambda_div"] == "1e-05"
-    assert flat["logger._target_"] == "ffsd.mlflow_tracking.MLflowTracker"
+    assert flat["logger._target_"] == "ffsd.tracking.mlflow_tracker.MLflowTracker"
     leaves = OmegaConf.to_container(cfg, resolve=True)
 
     def count(node):
@@ -171,7 +171,7 @@ def test_unreachable_server_stops_before_any_training(tmp_path):
         "logger.connect_timeout_s=2",
     )
     with pytest.raises(TrackingError) as err:
-        tasks.train(cfg)
+        train_task.run(cfg)
     message = str(err.value)
     assert "http://127.0.0.1:9" in message and "logger=none" in message
     assert "Nothing was trained" in message
@@ -197,13 +197,13 @@ def test_store_failures_mid_run_never_stop_training_nor_lose_metrics(
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
     overrides = (*TINY, f"trainer.output_dir={run_dir}", "trainer.epochs=2")
     with caplog.at_level(logging.WARNING, logger="ffsd"):
-        tasks.train(make_cfg(*overrides))
+        train_task.run(make_cfg(*overrides))
     assert "retried later" in caplog.text and "relaunch the same command" in caplog.text
     client, runs = runs_of(mlflow_store, run_dir)
     assert len(runs) == 1 and steps(client, runs[0].info.run_id) == [1]
     assert "best/leader/top1" not in runs[0].data.metrics
     calls["down"] = False  # the store is back: the same command resumes (nothing to train)
-    tasks.train(make_cfg(*overrides))
+    train_task.run(make_cfg(*overrides))
     client, runs = runs_of(mlflow_store, run_dir)
     assert len(runs) == 1, "the relaunch continued the run"
     run = runs[0]
@@ -220,13 +220,13 @@ def test_store_failures_mid_run_never_stop_training_nor_lose_metrics(
 def test_resume_with_a_run_missing_from_the_store_is_a_clear_error(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     overrides = (*TINY, f"trainer.output_dir={run_dir}")
-    tasks.train(make_cfg(*overrides, "trainer.epochs=1"))
+    train_task.run(make_cfg(*overrides, "trainer.epochs=1"))
     other = f"sqlite:///{tmp_path / 'other.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
     with pytest.raises(TrackingError, match="on_missing_run=new") as err:
-        tasks.train(make_cfg(*overrides, "trainer.epochs=2"))
+        train_task.run(make_cfg(*overrides, "trainer.epochs=2"))
     assert other in str(err.value)
     # opting in starts a new run that holds every epoch, the first one from metrics.jsonl
-    tasks.train(make_cfg(*overrides, "trainer.epochs=2", "logger.on_missing_run=new"))
+    train_task.run(make_cfg(*overrides, "trainer.epochs=2", "logger.on_missing_run=new"))
     client, runs = runs_of(other, run_dir)
     assert len(runs) == 1 and steps(client, runs[0].info.run_id) == [1, 2]

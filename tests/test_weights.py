@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import ffsd.models as M
-from ffsd.checkpoint import CheckpointError
 from ffsd.config import ConfigError
-from ffsd.weights import (
+from ffsd.tasks.weights import (
     build_network,
     has_head,
     identify_architecture,
     read_network_checkpoint,
 )
+from ffsd.training.checkpoint import CheckpointError
 
 from .checkpoints import randomize_bn, write_release
 

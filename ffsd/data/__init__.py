@@ -1,6 +1,10 @@
 """Datasets and loaders: CIFAR-10/100, ImageNet (ImageFolder), digits, synthetic.
 
-Each ``conf/dataset/*.yaml`` names a :class:`~ffsd.data.base.DataModule` by ``_target_``.
+Owns the :class:`~ffsd.data.base.DataModule` each ``conf/dataset/*.yaml`` names by
+``_target_``, the on-device tensor pipeline (:mod:`~ffsd.data.tensor_pipeline`), building the
+configured one (:mod:`~ffsd.data.build`) and loader-worker set-up (:mod:`~ffsd.data.workers`).
+
+May import: :mod:`ffsd.config` only.
 """
 
 from ffsd.data.base import DataModule, DataNotFoundError, ShardSampler

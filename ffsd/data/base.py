@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ffsd.data.tensor_pipeline import Augment, TensorBatches
-from ffsd.preemption import quiet_worker
+from ffsd.data.workers import quiet_worker
 
 PIPELINES = ("tensor", "dataloader")
 

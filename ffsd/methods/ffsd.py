@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ffsd import losses as L
-from ffsd.method import OnlineMethod, Reduce, _identity
+from ffsd.methods.base import OnlineMethod, Reduce, _identity
 from ffsd.models.base import TapNet
 from ffsd.models.decoder import Decoder
 from ffsd.models.fusion import FusionModule

@@ -1,8 +1,10 @@
 """The networks FFSD trains: ten architectures, the fusion module and the decoders.
 
-Each architecture's constructor takes ``num_classes``, ``leader`` and ``num_students`` and
+Owns each architecture's constructor (``num_classes``, ``leader``, ``num_students``), which
 returns a :class:`~ffsd.models.base.TapNet` whose ``forward`` gives logits, taps and (leader
-only) the trans-fusion output. Configs name them by ``_target_`` (``conf/model/*.yaml``).
+only) the trans-fusion output; configs name them by ``_target_`` (``conf/model/*.yaml``).
+
+May import: nothing else of ffsd (torch only).
 """
 
 from ffsd.models.base import LogitsOnly, NetOutput, TapNet, count_parameters

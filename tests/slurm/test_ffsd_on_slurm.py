@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ffsd.checkpoint import safe_load
+from ffsd.training.checkpoint import safe_load
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

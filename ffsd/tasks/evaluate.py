@@ -1,7 +1,7 @@
 """``task=eval``: one network of a checkpoint on the test split, and its report.
 
 Measures top-k accuracy, per-class top-1, mean cross-entropy and throughput of the network's
-logits (the trans-fusion head is not run: see :func:`ffsd.weights.build_network`), prints a
+logits (the trans-fusion head is not run: see :func:`ffsd.tasks.weights.build_network`), prints a
 table and the worst classes, writes ``eval.json`` and ``per_class.csv`` to the run directory and
 logs the metrics and both files through the configured tracker (``conf/logger``).
 """
@@ -24,11 +24,18 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from ffsd.config import ConfigError, validate
+from ffsd.config import ConfigError
+from ffsd.data.build import build_data
 from ffsd.models.base import LogitsOnly
-from ffsd.runtime import resolve_device, set_threads, tune_host_malloc
-from ffsd.tracking import Tracker
-from ffsd.weights import build_network, check_network_choice, read_network_checkpoint
+from ffsd.tasks.validation import validate
+from ffsd.tasks.weights import (
+    build_network,
+    check_network_choice,
+    read_network_checkpoint,
+    require_checkpoint,
+)
+from ffsd.tracking.base import Tracker
+from ffsd.training.runtime import resolve_device, set_threads, tune_host_malloc
 
 log = logging.getLogger("ffsd")
 
@@ -155,18 +162,6 @@ def format_report(
     return "\n".join(lines)
 
 
-def require_checkpoint(cfg: DictConfig, task: str) -> Path:
-    """``cfg.checkpoint`` as a path; a :class:`ConfigError` naming the key when it is unset."""
-    value = cfg.get("checkpoint")
-    if value is None or str(value).strip() == "":
-        raise ConfigError(
-            f"checkpoint={value!r}: task={task} needs the checkpoint file to read; add "
-            "checkpoint=PATH (the release's model<index>_best.pth, or this project's "
-            "<run>/checkpoints/model_leader_best.pth or <run>/checkpoints/last.pt)"
-        )
-    return Path(str(value)).expanduser()
-
-
 def check_topk(topk: Any, num_classes: int, key: str) -> list[int]:
     if not topk or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in topk):
         raise ConfigError(f"{key}={topk!r} must be a non-empty list of integers >= 1")
@@ -184,7 +179,7 @@ def check_topk(topk: Any, num_classes: int, key: str) -> list[int]:
     return ks
 
 
-def evaluate_checkpoint(
+def run(
     cfg: DictConfig,
     *,
     network: str,
@@ -196,8 +191,6 @@ def evaluate_checkpoint(
 
     Returns the top-1 accuracy (for sweeps over checkpoints).
     """
-    from ffsd.tasks import build_data
-
     path = require_checkpoint(cfg, "eval")
     validate(cfg)
     check_network_choice(network, "task.network")

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 if TYPE_CHECKING:
-    from ffsd.method import OnlineMethod
+    from ffsd.methods.base import OnlineMethod
 
 log = logging.getLogger("ffsd")
 
@@ -193,7 +193,7 @@ def resolve_backend(choice: str, device: torch.device) -> str:
 
 def default_threads(local_world_size: int) -> int:
     """CPU threads per process: the cores this process may use, shared by the node's ranks."""
-    from ffsd.runtime import cpu_count
+    from ffsd.training.runtime import cpu_count
 
     return max(1, cpu_count() // max(1, local_world_size))
 
@@ -286,7 +286,7 @@ def seed_rank_streams(seed: int, rank: int) -> None:
     """
     if rank == 0:
         return
-    from ffsd.runtime import seed_everything
+    from ffsd.training.runtime import seed_everything
 
     seed_everything(int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0]))
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ffsd.method import OnlineMethod
+from ffsd.methods.base import OnlineMethod
 
 log = logging.getLogger("ffsd")
 
@@ -31,8 +31,8 @@ def accelerate(
     """Apply every speed option to ``method``; returns a short description of each one applied.
 
     A data-parallel run applies the two halves separately, :func:`set_numerics` before and
-    :func:`compile_forward` after ``ffsd.distributed.data_parallel``: DDP must see the networks
-    in their final memory format, and torch.compile must wrap DDP, not the other way round.
+    :func:`compile_forward` after ``ffsd.training.distributed.data_parallel``: DDP must see the
+    networks in their final memory format, and torch.compile must wrap DDP, not the other way round.
     """
     return set_numerics(method, channels_last=channels_last, precision=precision) + (
         compile_forward(method, compile)

@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ffsd.provenance import sweep_arguments
+from ffsd.tracking.provenance import sweep_arguments
 
 log = logging.getLogger("ffsd")
 
@@ -67,7 +67,7 @@ class PrepareTracking(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from ffsd.config import ConfigError
-        from ffsd.mlflow_tracking import TrackingError
+        from ffsd.tracking.mlflow_tracker import TrackingError
 
         try:
             for cfg in job_configs(config):

@@ -1,6 +1,7 @@
 """One network's weights from any checkpoint file, with what can be inferred and clear errors.
 
-Reads (always with ``torch.load(weights_only=True)``, through :func:`ffsd.checkpoint.safe_load`):
+Reads (always with ``torch.load(weights_only=True)``, through
+:func:`ffsd.training.checkpoint.safe_load`):
 
 * the released code's files and this project's ``checkpoints/model_leader_best.pth``:
   ``{"weight": state_dict, "epoch", "cfg": model name, "index": "leader" | "0" | "1" | ...}``;
@@ -27,12 +28,12 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ffsd.checkpoint import STATE_FORMAT, CheckpointError, safe_load
 from ffsd.config import CONF_DIR, ConfigError, group_options
 from ffsd.models.base import TapNet
+from ffsd.training.checkpoint import STATE_FORMAT, CheckpointError, safe_load
 
 #: Prefix of the leader's trans-fusion head (release name; spec, "Checkpoints of the release").
 HEAD = "trans_fusion_module."
@@ -108,6 +109,18 @@ class NetworkCheckpoint:
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def require_checkpoint(cfg: DictConfig, task: str) -> Path:
+    """``cfg.checkpoint`` as a path; a :class:`ConfigError` naming the key when it is unset."""
+    value = cfg.get("checkpoint")
+    if value is None or str(value).strip() == "":
+        raise ConfigError(
+            f"checkpoint={value!r}: task={task} needs the checkpoint file to read; add "
+            "checkpoint=PATH (the release's model<index>_best.pth, or this project's "
+            "<run>/checkpoints/model_leader_best.pth or <run>/checkpoints/last.pt)"
+        )
+    return Path(str(value)).expanduser()
 
 
 def check_network_choice(network: str, key: str) -> None:

@@ -34,10 +34,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
-from ffsd import plots
 from ffsd.config import CONF_DIR
-from ffsd.mlflow_tracking import RUN_RECORD, resolve_tracking_uri
-from ffsd.provenance import override_key
+from ffsd.report import plots
+from ffsd.tracking.mlflow_tracker import RUN_RECORD, resolve_tracking_uri
+from ffsd.tracking.provenance import override_key
 
 #: (column, summary metric logged by the engine) of the table, in order.
 COLUMNS = (
@@ -440,7 +440,3 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(report) if report.rows else "No finished runs.")
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

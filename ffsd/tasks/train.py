@@ -1,37 +1,25 @@
-"""Entry points selected by ``task=...`` (``conf/task/*.yaml``); each takes the composed config.
-
-``launch.py`` calls ``hydra.utils.call(cfg.task, cfg)``: the task node's other keys (its options)
-arrive as keyword arguments.
-"""
+"""``task=train`` (``conf/task/train.yaml``): build one run's parts and hand them to the engine."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import ffsd
-from ffsd import distributed
-from ffsd.acceleration import compile_forward, set_numerics
-from ffsd.config import validate
-from ffsd.data.base import DataModule
-from ffsd.distributed import DistContext
-from ffsd.engine import Trainer
-from ffsd.runtime import resolve_device, seed_everything, set_threads, tune_host_malloc
-from ffsd.tracking import NullTracker
+from ffsd.data.build import build_data
+from ffsd.methods.build import instantiate_method
+from ffsd.tasks.validation import validate
+from ffsd.tracking.base import NullTracker
+from ffsd.training import distributed
+from ffsd.training.acceleration import compile_forward, set_numerics
+from ffsd.training.distributed import DistContext
+from ffsd.training.engine import Trainer
+from ffsd.training.runtime import resolve_device, seed_everything, set_threads, tune_host_malloc
 
 log = logging.getLogger("ffsd")
-
-
-def build_data(cfg: DictConfig) -> DataModule:
-    """Instantiate ``cfg.dataset`` and check the files are there (fast, before any work)."""
-    data: DataModule = instantiate(cfg.dataset, _convert_="all")
-    data.check()
-    return data
 
 
 def build_trainer(cfg: DictConfig, ctx: DistContext) -> Trainer:
@@ -45,7 +33,7 @@ def build_trainer(cfg: DictConfig, ctx: DistContext) -> Trainer:
     malloc = tune_host_malloc(**cfg.trainer.host_malloc)
     data = build_data(cfg)
     seed_everything(int(cfg.trainer.seed))
-    method = ffsd.build_method(cfg, data.num_classes, ctx.device)
+    method = instantiate_method(cfg, data.num_classes, ctx.device)
     applied = set_numerics(
         method,
         channels_last=bool(cfg.trainer.channels_last),
@@ -67,34 +55,14 @@ def build_trainer(cfg: DictConfig, ctx: DistContext) -> Trainer:
     return Trainer(cfg, method, data, run_dir=run_dir, tracker=tracker, dist=ctx)
 
 
-def train(cfg: DictConfig) -> float:
+def run(cfg: DictConfig) -> float:
     """Train ``cfg.distill`` and return the best value of its primary metric (for sweepers).
 
-    Runs as one process or as one rank of a torchrun/SLURM process group (``ffsd.distributed``).
+    Runs as one process or as one rank of a torchrun/SLURM process group
+    (:mod:`ffsd.training.distributed`).
     """
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
     with distributed.session(cfg.trainer.distributed.backend, device) as ctx:
         summary = build_trainer(cfg, ctx).fit()
     return float(summary["best"]["value"]) if summary["best"]["value"] is not None else 0.0
-
-
-def evaluate(cfg: DictConfig, **options: Any) -> float:
-    """``task=eval``: evaluate one network of ``cfg.checkpoint``; returns its top-1.
-
-    ``options`` are ``conf/task/eval.yaml``'s keys (``launch.py`` passes them; see
-    :func:`ffsd.evaluation.evaluate_checkpoint`).
-    """
-    from ffsd.evaluation import evaluate_checkpoint
-
-    return evaluate_checkpoint(cfg, **options)
-
-
-def export(cfg: DictConfig, **options: Any) -> float:
-    """``task=export``: export one network of ``cfg.checkpoint``; returns the largest difference.
-
-    ``options`` are ``conf/task/export.yaml``'s keys (see :func:`ffsd.export.export_checkpoint`).
-    """
-    from ffsd.export import export_checkpoint
-
-    return export_checkpoint(cfg, **options)

@@ -3,11 +3,11 @@
 A tracker is built from ``conf/logger/*.yaml``. The engine calls it on the main process only:
 ``start`` once (with the run id to continue when resuming), ``log_metrics`` every epoch,
 ``log_artifact`` for files, ``finish`` at the end. Before a sweep's jobs start, the launching
-process calls ``prepare`` once per job config (``ffsd.hydra_callbacks``), so that shared
+process calls ``prepare`` once per job config (``ffsd.tasks.hydra_callbacks``), so that shared
 resources (an MLflow experiment) are created once, not raced for by many jobs.
 
 Implementations: :class:`NullTracker` (``logger=none``) and
-:class:`ffsd.mlflow_tracking.MLflowTracker` (``logger=mlflow``).
+:class:`ffsd.tracking.mlflow_tracker.MLflowTracker` (``logger=mlflow``).
 """
 
 from __future__ import annotations

@@ -1,33 +1,32 @@
 """The training run: epochs, evaluation, checkpoints, resume, progress and the final summary.
 
-The engine drives any :class:`~ffsd.method.OnlineMethod` through ``begin_epoch``, ``step``,
+The engine drives any :class:`~ffsd.methods.base.OnlineMethod` through ``begin_epoch``, ``step``,
 ``evaluate`` and its state; it knows nothing of FFSD's networks. Per-step loss terms stay on the
 device and are summed there; the host reads them once per ``trainer.log_every`` iterations (the
 progress bar) and once per epoch.
 
 Files in the run directory (``trainer.output_dir``):
 
-* ``checkpoints/last.pt``: the full run state after the latest epoch (``ffsd.checkpoint``), or,
-  after a preemption signal, in the middle of an epoch (below).
+* ``checkpoints/last.pt``: the full run state after the latest epoch (``ffsd.training.checkpoint``),
+  or, after a preemption signal, in the middle of an epoch (below).
 * ``checkpoints/model_leader_best.pth``: the best leader so far, in the release's format.
 * ``metrics.jsonl``: one JSON object per epoch (train means, test metrics, learning rates, time).
 * ``summary.json``: best and final accuracies, written at the end.
 
-Several processes (``ffsd.distributed``): each rank trains on its shard of every epoch, and
+Several processes (``ffsd.training.distributed``): each rank trains on its shard of every epoch, and
 per-step terms and evaluation counts are summed over ranks before they are read, so logged
 metrics cover the whole data. Only rank 0 prints, logs, talks to the tracker and writes files;
 collectives (buffer broadcast, RNG gathering for checkpoints) run on every rank.
 
-Mid-epoch checkpoints (``ffsd.preemption``): on the preemption signal the run saves, at the next
-step boundary, ``last.pt`` with ``epoch`` = the last *completed* epoch plus ``partial``: the
-epoch in progress, how many of its batches are done, each rank's partial loss sums and RNG
-state. Resuming skips those batches of the epoch's (seed, epoch)-determined sample order and
-restores the sums and RNG states. With ``num_workers=0`` the augmentations draw from the
-process's global RNG, so the rest of the epoch replays exactly (``tests/test_resume.py``). With
-worker processes, the sample order is still exact but the workers' random streams restart at
-the resume point, so the rest of that one epoch sees different augmentations; resumes at an
-epoch end are exact either way (workers are seeded from (seed, epoch, rank)).
-"""
+Mid-epoch checkpoints (``ffsd.training.preemption``): on the preemption signal the run saves, at the
+next step boundary, ``last.pt`` with ``epoch`` = the last *completed* epoch plus ``partial``: the
+epoch in progress, how many of its batches are done, each rank's partial loss sums and RNG state.
+Resuming skips those batches of the epoch's (seed, epoch)-determined sample order and restores the
+sums and RNG states. With ``num_workers=0`` the augmentations draw from the process's global RNG, so
+the rest of the epoch replays exactly (``tests/test_resume.py``). With worker processes, the sample
+order is still exact but the workers' random streams restart at the resume point, so the rest of
+that one epoch sees different augmentations; resumes at an epoch end are exact either way (workers
+are seeded from (seed, epoch, rank))."""
 
 from __future__ import annotations
 
@@ -41,13 +40,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ffsd import checkpoint as ckpt
 from ffsd.data.base import DataModule
-from ffsd.distributed import SINGLE, DistContext
-from ffsd.method import OnlineMethod
-from ffsd.preemption import PreemptionGuard, parse_signal
-from ffsd.runtime import rng_state, set_rng_state
-from ffsd.tracking import NullTracker, Tracker
+from ffsd.methods.base import OnlineMethod
+from ffsd.tracking.base import NullTracker, Tracker
+from ffsd.training import checkpoint as ckpt
+from ffsd.training.distributed import SINGLE, DistContext
+from ffsd.training.preemption import PreemptionGuard, parse_signal
+from ffsd.training.runtime import rng_state, set_rng_state
 
 log = logging.getLogger("ffsd")
 

@@ -59,9 +59,9 @@ from mlflow.utils.validation import (
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ffsd import provenance
 from ffsd.config import ConfigError
-from ffsd.tracking import Tracker
+from ffsd.tracking import provenance
+from ffsd.tracking.base import Tracker
 
 log = logging.getLogger("ffsd")
 

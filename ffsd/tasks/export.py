@@ -1,9 +1,10 @@
 """``task=export``: one network of a checkpoint (the leader by default) to deployable files.
 
 The exported network is the checkpoint's network *without* the leader's trans-fusion head: the
-weights are loaded into a student-architecture copy (:func:`ffsd.weights.build_network`), so the
-files hold no parameter inference never uses. It maps a float32 NCHW batch of normalized images
+weights are loaded into a student-architecture copy (:func:`ffsd.tasks.weights.build_network`), so
+the files hold no parameter inference never uses. It maps a float32 NCHW batch of normalized images
 (the dataset's ``mean``/``std``) to logits, with a dynamic batch dimension.
+
 
 Formats (``conf/task/export.yaml``, each an :class:`Exporter` built from its ``_target_``):
 
@@ -40,10 +41,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from ffsd.config import ConfigError, validate
+from ffsd.config import ConfigError
+from ffsd.data.build import build_data
 from ffsd.models.base import LogitsOnly, count_parameters
-from ffsd.runtime import set_threads
-from ffsd.weights import build_network, check_network_choice, has_head, read_network_checkpoint
+from ffsd.tasks.validation import validate
+from ffsd.tasks.weights import (
+    build_network,
+    check_network_choice,
+    has_head,
+    read_network_checkpoint,
+    require_checkpoint,
+)
+from ffsd.training.runtime import set_threads
 
 log = logging.getLogger("ffsd")
 
@@ -298,7 +307,7 @@ def _check_options(
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
-def export_checkpoint(
+def run(
     cfg: DictConfig,
     *,
     network: str,
@@ -314,9 +323,6 @@ def export_checkpoint(
 
     Returns the largest difference from the eager network over all formats.
     """
-    from ffsd.evaluation import require_checkpoint
-    from ffsd.tasks import build_data
-
     path = require_checkpoint(cfg, "export")
     validate(cfg)
     check_network_choice(network, "task.network")

@@ -1,0 +1,13 @@
+"""The training run: the engine and what keeps a run going.
+
+Owns the epoch/step loop (:mod:`~ffsd.training.engine`), the process group and data-parallel
+wrapping (:mod:`~ffsd.training.distributed`), preemption and requeue
+(:mod:`~ffsd.training.preemption`), run-state files (:mod:`~ffsd.training.checkpoint`), the
+process runtime (device, threads, seeds, RNG state, host allocator:
+:mod:`~ffsd.training.runtime`) and speed options (:mod:`~ffsd.training.acceleration`).
+
+May import: :mod:`ffsd.methods`, :mod:`ffsd.models`, :mod:`ffsd.data`, the tracker interface
+(:mod:`ffsd.tracking.base`), :mod:`ffsd.config`, :mod:`ffsd.losses`, :mod:`ffsd.schedules`.
+Never :mod:`ffsd.tasks` or :mod:`ffsd.report`. The engine knows a method only through
+:class:`~ffsd.methods.base.OnlineMethod`.
+"""
