@@ -17,7 +17,9 @@ from ffsd.data.tensor_pipeline import (
     augment_indices,
     crop_flip,
     normalize,
+    pad_images,
     reflect_pad,
+    zero_pad,
 )
 
 from .conftest import make_cfg, write_tiny_cifar100
@@ -26,23 +28,29 @@ MEAN = [0.5071, 0.4865, 0.4409]
 STD = [0.2673, 0.2564, 0.2762]
 
 
-def pil_path(arr: np.ndarray, top: int, left: int, flip: bool) -> torch.Tensor:
+def pil_path(
+    arr: np.ndarray, top: int, left: int, flip: bool, mode: str = "reflect"
+) -> torch.Tensor:
     """torchvision's train transforms with the random draws fixed: pad, flip, crop, normalize."""
-    img = T.Pad(4, padding_mode="reflect")(Image.fromarray(arr))
+    pad = T.Pad(4, padding_mode="reflect") if mode == "reflect" else T.Pad(4, fill=0)
+    img = pad(Image.fromarray(arr))
     if flip:
         img = TF.hflip(img)
     img = TF.crop(img, top, left, 32, 32)
     return T.Normalize(MEAN, STD)(T.ToTensor()(img))
 
 
-def tensor_path(batch_u8: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+def tensor_path(
+    batch_u8: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, mode: str = "reflect"
+) -> torch.Tensor:
     rows, cols = augment_indices(offsets, flips, 40, 32)
-    x = crop_flip(reflect_pad(batch_u8, 4), rows, cols)
+    x = crop_flip(pad_images(batch_u8, 4, mode), rows, cols)
     shape = (1, 3, 1, 1)
     return normalize(x, torch.tensor(MEAN).view(shape), torch.tensor(STD).view(shape))
 
 
-def test_identical_to_pil_for_the_same_offsets_and_flips():
+@pytest.mark.parametrize("mode", ["reflect", "zero"])
+def test_identical_to_pil_for_the_same_offsets_and_flips(mode):
     rng = np.random.default_rng(0)
     arrs = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
     offsets = torch.tensor(rng.integers(0, 9, (24, 2)))
@@ -50,16 +58,30 @@ def test_identical_to_pil_for_the_same_offsets_and_flips():
     flips = torch.tensor(rng.random(24) < 0.5)
     flips[:2] = torch.tensor([False, True])
     batch = torch.from_numpy(arrs).permute(0, 3, 1, 2).contiguous()
-    got = tensor_path(batch, offsets, flips)
+    got = tensor_path(batch, offsets, flips, mode)
     for k in range(24):
-        want = pil_path(arrs[k], int(offsets[k, 0]), int(offsets[k, 1]), bool(flips[k]))
+        want = pil_path(arrs[k], int(offsets[k, 0]), int(offsets[k, 1]), bool(flips[k]), mode)
         torch.testing.assert_close(got[k], want, rtol=0, atol=0)
+    if mode == "zero":
+        # The corner crop (0, 0) starts with 4 rows of black pixels (normalized 0 = -mean / std).
+        black = (-torch.tensor(MEAN) / torch.tensor(STD)).view(3, 1, 1).expand(3, 4, 32)
+        torch.testing.assert_close(got[0][:, :4], black, rtol=0, atol=0)
 
 
 def test_reflect_pad_matches_torch_reflection():
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     want = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="reflect")
     assert torch.equal(reflect_pad(x, 4).float(), want)
+
+
+def test_zero_pad_matches_torch_constant_padding_and_modes_are_checked():
+    x = torch.randint(1, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    want = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="constant", value=0)
+    got = zero_pad(x, 4)
+    assert got.dtype == torch.uint8 and torch.equal(got.float(), want)
+    assert torch.equal(pad_images(x, 4, "reflect"), reflect_pad(x, 4))
+    with pytest.raises(ValueError, match=r"padding_mode='edge'.*reflect, zero"):
+        Augment(pad=4, crop=32, padding_mode="edge")
 
 
 def _identify(batch: torch.Tensor, image_u8: torch.Tensor) -> list[tuple[int, int, bool]]:

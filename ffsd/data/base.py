@@ -9,18 +9,25 @@ Two pipelines (``dataset.pipeline``): ``dataloader`` runs per-sample transforms 
 DataLoader (what the release does, and the only choice for ImageFolder data); ``tensor`` keeps
 the whole split in memory as one tensor on the training device and cuts, augments and normalizes
 each batch with tensor ops (``ffsd.data.tensor_pipeline``).
+
+``train_loader(views=K)`` augments each sample K times independently (KDCL and PCL: network k
+sees view k, ``shared/baselines-spec.md`` sections 6 (a) and 7 (a)): every batch is then
+``(images, labels)`` with images K x B x C x H x W. ``views=1`` (the default) is the plain
+B x C x H x W batch, the very same batches and random draws as without the option.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from ffsd.data.tensor_pipeline import Augment, TensorBatches
 from ffsd.data.workers import quiet_worker
@@ -59,6 +66,41 @@ class SkipSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, len(self.sampler) - self.skip)
+
+
+class MultiView(Dataset):
+    """``dataset`` whose items carry ``views`` independent draws of its random train transform.
+
+    Item i is ``(K x C x H x W, label)``: the transform runs K times on the one image read for
+    i (no second read or decode), each run drawing its own crop and flip, as shaoeric-KDCL's and
+    shaoeric-PCL's datasets do (``shared/baselines-spec.md`` 6 (a), 7 (a)). A dataset without a
+    ``transform`` (digits, synthetic: no augmentation) gives K identical copies. Batch these
+    with :func:`collate_views`.
+    """
+
+    def __init__(self, dataset: Dataset, views: int) -> None:
+        self.views = int(views)
+        self.transform = getattr(dataset, "transform", None)
+        if self.transform is not None:
+            # A shallow copy shares the images; only the copy returns them untransformed.
+            dataset = copy.copy(dataset)
+            dataset.transform = None
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, label = self.dataset[index]
+        if self.transform is None:
+            return torch.stack([torch.as_tensor(image)] * self.views), label
+        return torch.stack([self.transform(image) for _ in range(self.views)]), label
+
+
+def collate_views(batch: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch :class:`MultiView` items view-major: images K x B x C x H x W, labels B."""
+    images = torch.stack([x for x, _ in batch], dim=1)
+    return images, default_collate([y for _, y in batch])
 
 
 def loader_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
@@ -188,12 +230,24 @@ class DataModule(ABC):
         drop_last: bool = False,
         device: torch.device | str = "cpu",
         skip_batches: int = 0,
+        views: int = 1,
     ) -> DataLoader | TensorBatches:
         """Shuffled batches of this rank's shard of epoch ``epoch``, reproducible from the seed.
 
         ``skip_batches`` leaves out the first batches of that order (a mid-epoch resume); the
         tensor pipeline puts the batches on ``device``.
+
+        ``views``: each batch is ``(images, labels)``, images B x C x H x W for 1 and
+        K x B x C x H x W for ``views=K`` > 1, view v of sample i an independent draw of the
+        train augmentation (``shared/baselines-spec.md`` 6 (a), 7 (a)); K identical copies for a
+        dataset without augmentation. The tensor pipeline draws view 0 as a 1-view epoch does
+        (view 0 is the 1-view epoch) and replays every view exactly after ``skip_batches``; the
+        DataLoader path draws the views one after the other from the same random streams as a
+        single view (the global torch RNG with ``num_workers=0``, the (seed, epoch, rank)
+        seeded workers otherwise).
         """
+        if isinstance(views, bool) or not isinstance(views, numbers.Integral) or views < 1:
+            raise ValueError(f"views={views!r} must be an integer >= 1")
         sampler: Sampler[int] = DistributedSampler(
             self.train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
@@ -217,15 +271,22 @@ class DataModule(ABC):
                 augment=self.train_augment(),
                 generator=gen,
                 start_batch=int(skip_batches),
+                views=int(views),
             )
         if skip_batches:
             sampler = SkipSampler(sampler, int(skip_batches) * int(batch_size))
+        # views=1 keeps the plain dataset and collate: the very same batches as without views.
+        extra: dict[str, Any] = {}
+        dataset = self.train_set
+        if views > 1:
+            dataset, extra["collate_fn"] = MultiView(dataset, int(views)), collate_views
         return DataLoader(
-            self.train_set,
+            dataset,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
             generator=loader_generator(seed, epoch, rank),
+            **extra,
             **self._loader_kwargs(),
         )
 

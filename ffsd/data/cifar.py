@@ -5,6 +5,11 @@ Layout under ``root``: ``cifar-100-python/{train,test,meta}`` or
 unpack to). Augmentation per the spec ("Data (CIFAR)"): reflect-pad 4 -> random horizontal flip
 -> random 32x32 crop -> to [0, 1] -> normalize; test: to [0, 1] -> normalize. With
 ``pipeline: tensor`` the same augmentation runs on whole uint8 batches on the training device.
+
+``pad_mode: zero`` pads with black pixels instead, the baselines' ``RandomCrop(32, padding=4)``
+(ONE, OKDDip, MCL-OKD, shaoeric-PCL/KDCL; ``shared/baselines-spec.md`` "Reference protocols").
+They crop before flipping; the flip of a uniformly placed crop is the crop of the flipped
+padding, so pad -> flip -> crop draws the same distribution of images.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torchvision.transforms as T
 from torch.utils.data import Dataset
 
 from ffsd.data.base import DataModule, DataNotFoundError
-from ffsd.data.tensor_pipeline import Augment
+from ffsd.data.tensor_pipeline import PAD_MODES, Augment
 
 _LAYOUTS = {
     "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
@@ -59,7 +64,10 @@ CIFAR100 = _checked(torchvision.datasets.CIFAR100)
 
 
 class CIFARData(DataModule):
-    """CIFAR-10 or CIFAR-100 (``name``), ``root`` holding the unpacked archive."""
+    """CIFAR-10 or CIFAR-100 (``name``), ``root`` holding the unpacked archive.
+
+    ``pad_mode``: ``reflect`` (FFSD's) or ``zero`` (the baselines'), for both pipelines.
+    """
 
     def __init__(
         self,
@@ -69,15 +77,21 @@ class CIFARData(DataModule):
         mean: list[float],
         std: list[float],
         pad: int,
+        pad_mode: str = "reflect",
         verify_checksums: bool = False,
         **kwargs: Any,
     ) -> None:
+        if pad_mode not in PAD_MODES:
+            raise ValueError(
+                f"dataset.pad_mode={pad_mode!r} is not valid; choose one of: {', '.join(PAD_MODES)}"
+            )
         super().__init__(**kwargs)
         if self.name not in _LAYOUTS:
             raise ValueError(f"dataset.name={self.name!r}; CIFARData knows {sorted(_LAYOUTS)}")
         self.root = Path(root).expanduser()
         self.download = bool(download)
         self.mean, self.std, self.pad = tuple(mean), tuple(std), int(pad)
+        self.pad_mode = pad_mode
         self.verify_checksums = bool(verify_checksums)
         base = CIFAR100 if self.name == "cifar100" else CIFAR10
         self._cls = type(base.__name__, (base,), {"verify_checksums": self.verify_checksums})
@@ -122,12 +136,16 @@ class CIFARData(DataModule):
         return list(self.mean), list(self.std)
 
     def train_augment(self) -> Augment:
-        return Augment(pad=self.pad, crop=self.image_size, flip=True)
+        return Augment(pad=self.pad, crop=self.image_size, flip=True, padding_mode=self.pad_mode)
 
     def train_transform(self) -> T.Compose:
+        if self.pad_mode == "reflect":
+            pad = T.Pad(self.pad, padding_mode="reflect")
+        else:
+            pad = T.Pad(self.pad, fill=0, padding_mode="constant")
         return T.Compose(
             [
-                T.Pad(self.pad, padding_mode="reflect"),
+                pad,
                 T.RandomHorizontalFlip(),
                 T.RandomCrop(self.image_size),
                 T.ToTensor(),
