@@ -112,6 +112,7 @@ def test_markdown_plots_and_cli(store, tmp_path, capsys):
         with Image.open(out / png) as img:
             img.verify()
             assert img.format == "PNG" and img.size[0] > 300
+    assert not (out / "deploy_by_method.png").exists()  # one method: no method comparison
     assert "wrote" in capsys.readouterr().out
 
 

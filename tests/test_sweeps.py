@@ -32,6 +32,10 @@ SWEEPS = {
         "trainer.seed": ["0", "1", "2"],
     },
     "num_students": {"distill.num_students": ["2", "3", "4"]},
+    "methods": {
+        "distill": ["ffsd", "independent", "dml", "kdcl"],
+        "trainer.seed": ["0", "1", "2"],
+    },
 }
 
 
@@ -98,6 +102,24 @@ def test_each_job_composes_to_its_values():
         assert cfg.logger.experiment_name == "ffsd/paper_cifar100"
 
 
+def test_each_method_job_trains_its_method_on_the_command_lines_setting():
+    # A preset's `override /distill: ffsd` must not turn every method back into FFSD.
+    jobs = sweep_job_overrides(sweep_config("+sweep=methods", "experiment=quickstart"))
+    targets = {}
+    for job in jobs:
+        if as_dict(job)["trainer.seed"] != "0":
+            continue
+        cfg = make_cfg(*job, "trainer.output_dir=/unused")
+        method = as_dict(job)["distill"]
+        assert method in group_options("distill")
+        assert cfg.dataset.name == "digits" and cfg.model.name == "resnet20"
+        assert cfg.logger.experiment_name == "ffsd/methods"
+        targets[method] = cfg.distill._target_
+    assert list(targets) == SWEEPS["methods"]["distill"]
+    assert len(set(targets.values())) == len(targets)
+    assert targets["ffsd"] == "ffsd.methods.FFSD"
+
+
 def launch(*args: str, cwd) -> subprocess.CompletedProcess:
     return run_launch(*args, cwd=cwd, timeout=300)
 
@@ -121,6 +143,18 @@ def test_hydra_launches_exactly_the_listed_jobs_and_the_command_line_adjusts_the
         ("4", "1"),
     ]
     assert (tmp_path / "sweep" / "3").is_dir()
+
+
+def test_the_method_sweep_launches_every_method_with_every_seed(tmp_path):
+    fixed = ("+sweep=methods", "task._target_=builtins.len", "logger=none")
+    res = launch("-m", *fixed, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    launched = [sorted(o.split()) for _, o in re.findall(r"#(\d+) : (.*)", res.stdout + res.stderr)]
+    assert launched == [sorted(j) for j in sweep_job_overrides(sweep_config(*fixed))]
+    pairs = sorted((as_dict(j)["distill"], as_dict(j)["trainer.seed"]) for j in launched)
+    grid = SWEEPS["methods"]
+    assert len(launched) == 12
+    assert pairs == sorted(itertools.product(grid["distill"], grid["trainer.seed"]))
 
 
 def test_a_sweep_without_multirun_stops_with_the_command_to_use(tmp_path):

@@ -1,8 +1,11 @@
 """PNG figures of the report (``ffsd.report``), drawn with matplotlib's Agg backend (no display).
 
-* :func:`training_curves`: test top-1 of the leader, the fusion module and each student per epoch.
+* :func:`training_curves`: test top-1 per epoch of each network of a run (FFSD: the leader, the
+  fusion module and each student; another method: its deployed network, ensemble and networks).
 * :func:`metric_vs_value`: a metric against a swept value (a λ): every run as a point and the
   mean ± standard deviation per value as a line.
+* :func:`metric_by_category`: a metric per category (a method): every run as a point coloured by
+  its seed, and the mean ± standard deviation as an error bar.
 """
 
 from __future__ import annotations
@@ -22,27 +25,32 @@ Series = Sequence[tuple[float, float]]
 
 
 def _style(label: str) -> dict:
-    if label == "leader":
+    if label in ("leader", "deploy"):
         return {"linewidth": 2.4, "color": "black", "zorder": 3}
     if label == "fusion":
         return {"linewidth": 1.6, "color": "tab:red", "linestyle": "--"}
+    if label == "ensemble":
+        return {"linewidth": 1.6, "color": "tab:purple", "linestyle": "--"}
     return {"linewidth": 1.0, "alpha": 0.8}
 
 
 def training_curves(curves: dict[str, Series], title: str, path: Path, ylabel: str) -> Path:
     """One line per network: ``curves[label] = [(epoch, value), ...]``."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    drawn = 0
     for label, points in curves.items():
         if not points:
             continue
         xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, marker="o" if len(xs) < 15 else None, ms=3, label=label, **_style(label))
+        drawn += 1
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if drawn:  # a run that never evaluated still gets its (empty) figure, without a warning
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -73,6 +81,52 @@ def metric_vs_value(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def metric_by_category(
+    groups: Sequence[tuple[str, Sequence[tuple[str, float]]]], ylabel: str, title: str, path: Path
+) -> Path:
+    """``groups[i] = (category, [(seed label, value), ...])``, the categories in the given order.
+
+    Each value a point, the same colour for the same seed label in every category (a seed that
+    is good for one method may be good for all); the mean ± sample std (none for one value) as a
+    black error bar. A category without values keeps its place on the axis.
+    """
+    seeds = list(dict.fromkeys(s for _, points in groups for s, _ in points))
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(seeds)}
+    width = max(5.5, 1.1 * len(groups) + 2)
+    fig, ax = plt.subplots(figsize=(width, 4.2), dpi=110)
+    for x, (_, points) in enumerate(groups):
+        # spread the seeds sideways so that equal values stay visible
+        for seed, value in points:
+            dx = 0.18 * (seeds.index(seed) / max(len(seeds) - 1, 1) - 0.5)
+            ax.scatter(x - 0.15 + dx, value, s=22, color=colours[seed], alpha=0.8, zorder=2)
+        if points:
+            ys = [v for _, v in points]
+            std = float(np.std(ys, ddof=1)) if len(ys) > 1 else 0.0
+            ax.errorbar(
+                x + 0.15,
+                float(np.mean(ys)),
+                yerr=std,
+                color="black",
+                capsize=5,
+                marker="D",
+                ms=5,
+                zorder=3,
+            )
+    for seed in seeds:
+        ax.scatter([], [], s=22, color=colours[seed], label=seed)
+    ax.errorbar([], [], yerr=[], color="black", capsize=5, marker="D", ms=5, label="mean ± std")
+    ax.set_xticks(range(len(groups)), [c for c, _ in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,16 +1,28 @@
 """Reports of tracked runs, read from MLflow: ``python -m ffsd.report <experiment-or-sweep>``.
 
 The target is an MLflow experiment name (``ffsd/lambda_grid``), a sweep directory (Hydra's
-``hydra.sweep.dir``, holding ``multirun.yaml``) or one run's directory. Written to ``--out``:
+``hydra.sweep.dir``, holding ``multirun.yaml``) or one run's directory; a directory that is
+neither is read as an experiment name (``ffsd/methods`` is also a folder of the repository).
+Written to ``--out``:
 
 * ``report.md``: one row per configuration (the job overrides that differ between the runs,
   the seed excepted) with the mean ± sample standard deviation over its finished runs of the
   leader's best and final test top-1, the epoch of the best, the best top-1 of the students' mean
   and of the fusion module, and the number of runs. Failed, killed and still-running runs are
   listed under it and never averaged in.
-* ``curves.png``: test top-1 per epoch of the leader, the fusion module and each student of one
-  run (the best finished one, or ``--run``).
-* ``vs_<key>.png``: the leader's best top-1 against each swept numeric value (each λ).
+* When the runs differ in the method (``distill=ffsd,dml,...``, :data:`METHOD_KEY`), the table
+  is the method table instead: one row per method (FFSD first, then alphabetical; per method and
+  values of the other varying keys when there are some) with the mean ± sample standard
+  deviation of the deployed network's best and final test top-1 (``deploy/top1``: what the
+  method ships, FFSD's leader), the ensemble's best test top-1 (``ensemble/top1``) and the
+  number of finished runs; a cell averaging fewer runs than the row has says ``(n=…)``, and a
+  metric no run of the row logged is ``–``. Beside it ``deploy_by_method.png``: every run's best
+  deploy top-1 per method, coloured by seed, with the mean ± sample std.
+* ``curves.png``: test top-1 per epoch of one run (the best finished one, or ``--run``): for FFSD
+  the leader, the fusion module and each student; for another method every ``test/<net>/top1``
+  it logged (deploy, ensemble, each network).
+* ``vs_<key>.png``: the best top-1 (the leader's; the deployed network's in a method sweep)
+  against each swept numeric value (each λ).
 
 The store read: ``--tracking-uri``; else, for a directory, the one its jobs logged to (their
 ``mlflow_run.json``, else as ``multirun.yaml`` or ``.hydra/config.yaml`` resolve now); else
@@ -49,6 +61,20 @@ COLUMNS = (
 )
 PRIMARY = "best/leader/top1"
 
+#: The override key naming the method (``distill=dml``): runs that differ in it are compared as
+#: methods, on the metrics every method's ``evaluate`` returns rather than FFSD's networks.
+METHOD_KEY = "distill"
+#: Listed first in the method table: the method the others are compared against.
+REFERENCE_METHOD = "ffsd"
+METHOD_COLUMNS = (
+    ("deploy best", "best/deploy/top1"),
+    ("deploy final", "final/deploy/top1"),
+    ("ensemble best", "best/ensemble/top1"),
+)
+METHOD_PRIMARY = "best/deploy/top1"
+#: ``test/<name>/top1`` series that are statistics over networks, not one (not drawn as curves).
+_NOT_A_CURVE = re.compile(r"oracle|.*_(mean|std)")
+
 
 class ReportError(RuntimeError):
     """The target or the store cannot be read; the message says what to do."""
@@ -63,6 +89,8 @@ class Target:
     experiment: str | None = None
     tag: str | None = None
     directory: Path | None = None
+    #: Said when the experiment is not in the store (why the name was not read as a directory).
+    note: str | None = None
 
     def describe(self) -> str:
         if self.experiment is not None:
@@ -119,12 +147,14 @@ def resolve_target(target: str, tracking_uri: str | None = None) -> Target:
             or _logged_uri(cfg, launch, path)
         )
         return Target(uri, tag="ffsd.run_dir", directory=path.resolve())
+    note = None
     if path.is_dir():
-        raise ReportError(
+        # An experiment name can also be a directory here (ffsd/methods from the repository root).
+        note = (
             f"{path} is a directory but neither a sweep (no multirun.yaml) nor a run "
             "(no .hydra/config.yaml)"
         )
-    return Target(tracking_uri or default_uri(Path.cwd()), experiment=target)
+    return Target(tracking_uri or default_uri(Path.cwd()), experiment=target, note=note)
 
 
 def file_safe(name: str) -> str:
@@ -144,7 +174,7 @@ def fetch_runs(client: MlflowClient, target: Target) -> list[Run]:
             names = sorted(e.name for e in client.search_experiments())
             raise ReportError(
                 f"{target.uri} has no experiment {target.experiment!r}; it has: "
-                f"{', '.join(names) or 'none'}"
+                f"{', '.join(names) or 'none'}" + (f"; and {target.note}" if target.note else "")
             )
         ids, query = [exp.experiment_id], ""
     else:
@@ -197,6 +227,8 @@ class RunInfo:
     status: str
     config: dict[str, str]
     metrics: dict[str, float]
+    #: The value of the seed key(s) the rows average over (None: not set by an override).
+    seed: str | None = None
 
 
 @dataclass
@@ -215,6 +247,12 @@ class Report:
     rows: list[Row]
     unfinished: list[RunInfo]
     finished: list[RunInfo]
+    #: :data:`METHOD_KEY` when the runs differ in the method (then ``keys[0]``), else None.
+    method_key: str | None = None
+
+    @property
+    def primary(self) -> str:
+        return METHOD_PRIMARY if self.method_key else PRIMARY
 
 
 def _sort_key(value: str | None) -> tuple:
@@ -224,6 +262,12 @@ def _sort_key(value: str | None) -> tuple:
         return (0, float(value))
     except ValueError:
         return (1, value)
+
+
+def _method_rank(value: str | None) -> tuple:
+    if value == REFERENCE_METHOD:
+        return (0, "")
+    return (1, value) if value is not None else (2, "")
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None, int]:
@@ -236,20 +280,37 @@ def summarize(runs: list[RunInfo], target: Target) -> Report:
     """Group the finished runs by the keys whose values differ between runs."""
     every = {k for r in runs for k in r.config}
     keys = sorted(k for k in every if len({r.config.get(k) for r in runs}) > 1)
+    method = METHOD_KEY if METHOD_KEY in keys else None
+    if method is not None:
+        keys = [method, *(k for k in keys if k != method)]
     finished = [r for r in runs if r.status == "FINISHED"]
     groups: dict[tuple, list[RunInfo]] = {}
     for r in finished:
         groups.setdefault(tuple(r.config.get(k) for k in keys), []).append(r)
+
+    def order(values: tuple) -> tuple:
+        if method is None:
+            return tuple(_sort_key(x) for x in values)
+        return (_method_rank(values[0]), *(_sort_key(x) for x in values[1:]))
+
     rows = []
-    for values in sorted(groups, key=lambda v: tuple(_sort_key(x) for x in v)):
+    metrics = dict.fromkeys(m for _, m in (*COLUMNS, *METHOD_COLUMNS))
+    for values in sorted(groups, key=order):
         row = Row(values=values, runs=groups[values])
-        for _, metric in COLUMNS:
+        for metric in metrics:
             got = [r.metrics[metric] for r in row.runs if metric in r.metrics]
             if got:
                 row.stats[metric] = mean_std(got)
         rows.append(row)
     unfinished = [r for r in runs if r.status != "FINISHED"]
-    return Report(target=target, keys=keys, rows=rows, unfinished=unfinished, finished=finished)
+    return Report(
+        target=target,
+        keys=keys,
+        rows=rows,
+        unfinished=unfinished,
+        finished=finished,
+        method_key=method,
+    )
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -265,12 +326,33 @@ def _cell(value: str | None) -> str:
 
 
 def markdown_table(report: Report) -> str:
+    """The configuration table, or the method table when the runs differ in the method."""
+    if report.method_key is not None:
+        return method_table(report)
     head = [*(f"`{k}`" for k in report.keys), *(c for c, _ in COLUMNS), "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report.rows:
         cells = [_cell(v) for v in row.values]
         for _, metric in COLUMNS:
             cells.append(fmt(row.stats.get(metric), 1 if metric.startswith("best_epoch/") else 2))
+        cells.append(str(len(row.runs)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def method_table(report: Report) -> str:
+    """One row per method (and values of the other varying keys), on the methods' own metrics."""
+    head = ["method", *(f"`{k}`" for k in report.keys[1:]), *(c for c, _ in METHOD_COLUMNS)]
+    lines = ["| " + " | ".join([*head, "runs"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for row in report.rows:
+        cells = [_cell(v) for v in row.values]
+        for _, metric in METHOD_COLUMNS:
+            stat = row.stats.get(metric)
+            cell = fmt(stat)
+            # Methods log different metrics: a mean over fewer runs than the row has says so.
+            if stat is not None and stat[2] < len(row.runs):
+                cell += f" (n={stat[2]})"
+            cells.append(cell)
         cells.append(str(len(row.runs)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -295,14 +377,30 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[float, fl
     return sorted((float(s), v) for s, (_, v) in latest.items())
 
 
+def _natural(name: str) -> tuple:
+    """``student2`` before ``student10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def curve_labels(metrics: dict[str, float]) -> list[str]:
+    """The ``<net>`` of the ``test/<net>/top1`` curves to draw for a run with these metrics.
+
+    An FFSD run (a leader and a fusion module): the leader, the fusion module and each student.
+    Any other method: its deployed network and ensemble first, then each network it logged.
+    """
+    nets = {m.group(1) for k in metrics if (m := re.fullmatch(r"test/(.+)/top1", k))}
+    if {"leader", "fusion"} <= nets:
+        students = sorted((n for n in nets if re.fullmatch(r"student\d+", n)), key=_natural)
+        return ["leader", "fusion", *students]
+    first = [n for n in ("deploy", "ensemble") if n in nets]
+    rest = sorted((n for n in nets - set(first) if not _NOT_A_CURVE.fullmatch(n)), key=_natural)
+    return [*first, *rest]
+
+
 def draw_curves(client: MlflowClient, run: RunInfo, keys: list[str], out: Path) -> Path:
-    names = sorted(
-        (m.group(1) for k in run.metrics if (m := re.fullmatch(r"test/(student\d+)/top1", k))),
-        key=lambda s: int(s[len("student") :]),
-    )
     curves = {
         label: history(client, run.run_id, f"test/{label}/top1")
-        for label in ("leader", "fusion", *names)
+        for label in curve_labels(run.metrics)
     }
     conf = ", ".join(f"{k}={run.config.get(k)}" for k in keys)
     title = f"run {run.name}" + (f" ({conf})" if conf and conf not in run.name else "")
@@ -311,6 +409,8 @@ def draw_curves(client: MlflowClient, run: RunInfo, keys: list[str], out: Path) 
 
 def draw_sweeps(report: Report, out: Path) -> list[Path]:
     """``vs_<key>.png`` for every varying key whose values are all numbers."""
+    primary = report.primary
+    what = "deploy" if report.method_key else "leader"
     paths = []
     for key in report.keys:
         points = []
@@ -320,21 +420,44 @@ def draw_sweeps(report: Report, out: Path) -> list[Path]:
             except (KeyError, ValueError):
                 points = []
                 break
-            if PRIMARY in r.metrics:
-                points.append((x, r.metrics[PRIMARY]))
+            if primary in r.metrics:
+                points.append((x, r.metrics[primary]))
         if len({x for x, _ in points}) < 2:
             continue
         others = [k for k in report.keys if k != key]
-        title = f"best leader top-1 vs {key}"
+        title = f"best {what} top-1 vs {key}"
         if others:
             title += "\n(runs of every other setting: " + ", ".join(others) + ")"
         name = file_safe(key)
         paths.append(
             plots.metric_vs_value(
-                points, key, "best leader top-1 (%)", title, out / f"vs_{name}.png"
+                points, key, f"best {what} top-1 (%)", title, out / f"vs_{name}.png"
             )
         )
     return paths
+
+
+def draw_methods(report: Report, out: Path) -> Path:
+    """``deploy_by_method.png``: each row's runs (one point per seed) and their mean ± std."""
+    groups = []
+    for row in report.rows:
+        label = row.values[0] or "–"
+        others = [f"{k}={v}" for k, v in zip(report.keys[1:], row.values[1:], strict=True)]
+        if others:
+            label += "\n" + "\n".join(others)
+        runs = sorted(row.runs, key=lambda r: _sort_key(r.seed))
+        points = [
+            (f"seed {r.seed}" if r.seed is not None else "run", r.metrics[METHOD_PRIMARY])
+            for r in runs
+            if METHOD_PRIMARY in r.metrics
+        ]
+        groups.append((label, points))
+    return plots.metric_by_category(
+        groups,
+        "best deploy top-1 (%)",
+        "best test top-1 of the deployed network, per method",
+        out / "deploy_by_method.png",
+    )
 
 
 def build(
@@ -343,13 +466,16 @@ def build(
     """The report of ``target`` and, for its unfinished runs, the number of epochs logged."""
     runs = []
     for run in fetch_runs(client, target):
+        overrides = run_overrides(client, run)
+        seeds = [v for k, v in override_config(overrides, ()).items() if k in seed_keys]
         runs.append(
             RunInfo(
                 run_id=run.info.run_id,
                 name=run.info.run_name or run.info.run_id[:8],
                 status=run.info.status,
-                config=override_config(run_overrides(client, run), seed_keys),
+                config=override_config(overrides, seed_keys),
                 metrics=dict(run.data.metrics),
+                seed=",".join(seeds) if seeds else None,
             )
         )
     report = summarize(runs, target)
@@ -372,11 +498,23 @@ def write(
         "",
         f"Store `{target.uri}`: {len(report.finished)} finished run(s), "
         f"{len(report.unfinished)} failed, killed or running. Test top-1 (%) of each "
-        "configuration: mean ± sample standard deviation (n − 1) over its finished runs (seeds); "
-        "*best* is the best epoch's value, *final* the last epoch's.",
+        f"{'method' if report.method_key else 'configuration'}: mean ± sample standard "
+        "deviation (n − 1) over its finished runs (seeds); *best* is the best epoch's value, "
+        "*final* the last epoch's."
+        + (
+            " *deploy* is the network the method ships (FFSD: the leader), *ensemble* the "
+            "argmax of the mean of its networks' logits; – where no run logged the metric."
+            if report.method_key
+            else ""
+        ),
         "",
     ]
     parts += [markdown_table(report) if report.rows else "No finished runs.", ""]
+    images = []
+    if report.method_key is not None and report.rows:
+        figure = draw_methods(report, out)
+        images.append(figure)
+        parts += [f"![{figure.stem}]({figure.name})", ""]
     if report.unfinished:
         parts += ["Not averaged in (failed, killed or still running):", ""]
         parts += [unfinished_table(report, epochs), ""]
@@ -385,8 +523,7 @@ def write(
         raise ReportError(f"--run {run_id} is not one of the runs of {target.describe()}")
     chosen = pool.get(run_id) if run_id else None
     if chosen is None and report.finished:
-        chosen = max(report.finished, key=lambda r: r.metrics.get(PRIMARY, float("-inf")))
-    images = []
+        chosen = max(report.finished, key=lambda r: r.metrics.get(report.primary, float("-inf")))
     if chosen is not None:
         curves = draw_curves(client, chosen, report.keys, out)
         images.append(curves)
