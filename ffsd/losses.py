@@ -1,4 +1,5 @@
-"""FFSD's loss helpers, term by term as in ``shared/ffsd-spec.md`` ("Helpers", "One iteration").
+"""The loss formulas, term by term: FFSD's (``shared/ffsd-spec.md``, "Helpers", "One iteration")
+and those the comparison methods share (``shared/baselines-spec.md``, "Notation").
 
 Every function is pure: tensors in, tensor out, no module state. Shapes: feature maps are
 B x C x H x W, attention maps B x 1 x H x W, logits B x classes.
@@ -54,18 +55,6 @@ def attn_loss(x: Tensor, y: Tensor) -> Tensor:
     """AttnLoss(x, y) = mean over all elements of (n(x) − n(y))² (spec, "Helpers")."""
     x, y = _memory_order(x, x), _memory_order(y, x)
     return (normalize(x) - normalize(y)).pow(2).mean()
-
-
-def kd_loss(student_logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
-    """KD(z, p) = T² · KL(softmax(p/T) ‖ softmax(z/T)), batch-mean, target detached.
-
-    Spec, "Helpers"; the release computes KLDivLoss(log_softmax(z/T), softmax(p/T)) with
-    ``reduction='batchmean'`` and multiplies by T².
-    """
-    t = temperature
-    log_p_student = F.log_softmax(student_logits / t, dim=1)
-    p_target = F.softmax(target_logits.detach() / t, dim=1)
-    return (t * t) * F.kl_div(log_p_student, p_target, reduction="batchmean")
 
 
 def _shift_parts(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -145,7 +134,55 @@ def decoder_losses(decoded: Sequence[Tensor], taps: Sequence[Tensor]) -> tuple[T
 
 
 def lambda_warmup(value: float, epoch: int, warmup_epochs: int = 5) -> float:
-    """λ · exp(−5·(1 − e/5)²) for epoch e ≤ 5 (epochs from 1), λ afterwards (spec, "Warm-up")."""
-    if warmup_epochs > 0 and epoch <= warmup_epochs:
-        return value * math.exp(-5.0 * (1.0 - epoch / warmup_epochs) ** 2)
-    return value
+    """λ · exp(−5·(1 − e/5)²) for epoch e ≤ 5 (epochs from 1), λ afterwards (spec, "Warm-up").
+
+    The sigmoid ramp-up at x = e (ONE and OKDDip call it with e − 1: :func:`ramp_up`).
+    """
+    return value * sigmoid_rampup(epoch, warmup_epochs)
+
+
+# -- shared by the online-distillation methods (``shared/baselines-spec.md``, "Notation") ------
+
+#: ε of KLε_T (baselines spec, "Notation": ONE's ``kl_loss.py`` and OKDDip's ``KL_Loss``).
+KL_EPS = 1e-7
+
+
+def kl_t(
+    target_logits: Tensor,
+    logits: Tensor,
+    temperature: float,
+    *,
+    eps: float = 0.0,
+    detach: bool = True,
+) -> Tensor:
+    """KL_T(t ‖ z) = T² · (1/B) Σ_b Σ_c q_bc (log q_bc − log p_bc), q = p^T(t), p = p^T(z).
+
+    Baselines spec, "Notation": ``batchmean`` KL times T², with the target ``t`` detached unless
+    ``detach=False``. ``eps > 0`` gives KLε_T: q replaced by q + ε, not renormalised (ONE and
+    OKDDip, ``eps=KL_EPS``). FFSD's KD(z, p) (ffsd spec, "Helpers") is ``kl_t(p, z, T)``.
+    """
+    t = temperature
+    target = target_logits.detach() if detach else target_logits
+    log_p = F.log_softmax(logits / t, dim=1)
+    q = F.softmax(target / t, dim=1)
+    if eps:
+        q = q + eps
+        return (t * t) * (q * (q.log() - log_p)).sum(1).mean()
+    return (t * t) * F.kl_div(log_p, q, reduction="batchmean")
+
+
+def sigmoid_rampup(x: float, length: float) -> float:
+    """exp(−5 · (1 − min(x, L)/L)²) for x ≥ 0; 1 when L = 0.
+
+    The "sigmoid ramp-up" of ONE (``utils/ramps.py``) and OKDDip (baselines spec, "Ramp-up"),
+    and FFSD's λ warm-up (ffsd spec, "Warm-up"); the callers differ only in what they pass as x.
+    """
+    if length <= 0:
+        return 1.0
+    x = min(max(float(x), 0.0), float(length))
+    return math.exp(-5.0 * (1.0 - x / length) ** 2)
+
+
+def ramp_up(epoch: int, length: int) -> float:
+    """r_L(e) with the 0-based epoch e0 = e − 1, as ONE and OKDDip call it (baselines spec)."""
+    return sigmoid_rampup(epoch - 1, length)

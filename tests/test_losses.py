@@ -54,29 +54,61 @@ def _softmax(z, temp):
     return [v / s for v in e]
 
 
-def test_kd_loss_hand_value_batchmean_and_t_squared():
+def test_kl_t_hand_value_batchmean_and_t_squared():
     z = [[1.0, 2.0, 0.5], [0.0, -1.0, 1.0]]
     p = [[2.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
     temp = 2.0
     expected = (
         temp**2 * sum(_kl(_softmax(pt, temp), _softmax(zs, temp)) for zs, pt in zip(z, p)) / 2
     )
-    got = L.kd_loss(
-        torch.tensor(z, dtype=torch.float64), torch.tensor(p, dtype=torch.float64), temp
-    )
+    got = L.kl_t(torch.tensor(p, dtype=torch.float64), torch.tensor(z, dtype=torch.float64), temp)
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_kd_loss_detaches_the_target():
+def test_kl_t_detaches_the_target_unless_told():
     z = torch.randn(4, 5, requires_grad=True)
     p = torch.randn(4, 5, requires_grad=True)
-    L.kd_loss(z, p, 2.0).backward()
+    L.kl_t(p, z, 2.0).backward()
     assert z.grad is not None and p.grad is None
+    L.kl_t(p, z, 2.0, detach=False).backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-def test_kd_loss_is_zero_for_identical_logits():
+def test_kl_t_is_zero_for_identical_logits():
     z = torch.randn(4, 7, dtype=torch.float64)
-    assert L.kd_loss(z, z.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-15)
+    assert L.kl_t(z.clone(), z, 2.0).item() == pytest.approx(0.0, abs=1e-15)
+
+
+def test_kl_eps_hand_value_q_plus_eps_not_renormalised():
+    # KLε_T (baselines spec, "Notation"): T² (1/B) Σ_b Σ_c (q+ε)(log(q+ε) − log p).
+    z = [[1.0, 2.0, 0.5], [0.0, -1.0, 1.0]]
+    t = [[2.0, 0.0, 1.0], [1.0, 1.0, 0.0]]
+    temp, eps = 3.0, 1e-7
+    expected = 0.0
+    for zs, ts in zip(z, t):
+        q, p = _softmax(ts, temp), _softmax(zs, temp)
+        expected += sum((qi + eps) * (math.log(qi + eps) - math.log(pi)) for qi, pi in zip(q, p))
+    expected *= temp**2 / 2
+    got = L.kl_t(
+        torch.tensor(t, dtype=torch.float64), torch.tensor(z, dtype=torch.float64), temp, eps=eps
+    )
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    plain = L.kl_t(torch.tensor(t, dtype=torch.float64), torch.tensor(z, dtype=torch.float64), 3.0)
+    assert abs(got.item() - plain.item()) < 3 * 9 * eps * 10  # of order C·ε, T² times
+
+
+@pytest.mark.parametrize(
+    ("epoch", "value"),
+    # r_80 at e = 1, 41, 81 and later (baselines spec, "Ramp-up"): e^-5, exp(-5·0.5²), 1.
+    [(1, math.exp(-5.0)), (41, math.exp(-5 * 0.5**2)), (81, 1.0), (200, 1.0)],
+)
+def test_ramp_up_uses_the_zero_based_epoch(epoch, value):
+    assert L.ramp_up(epoch, 80) == pytest.approx(value, rel=1e-12)
+    assert L.ramp_up(41, 80) == pytest.approx(0.2865, abs=1e-4)
+
+
+def test_sigmoid_rampup_without_length_is_one():
+    assert L.sigmoid_rampup(0, 0) == 1.0 and L.ramp_up(1, 0) == 1.0
 
 
 def test_shift_hand_value():

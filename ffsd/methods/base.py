@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+
+from ffsd.config import ConfigError
 
 #: Sums a tensor over all processes (DDP); identity in a single process.
 Reduce = Callable[[Tensor], Tensor]
@@ -24,10 +27,28 @@ def _identity(t: Tensor) -> Tensor:
 
 
 class OnlineMethod(ABC):
-    """What the engine drives. Subclasses own their networks, optimizers and schedules."""
+    """What the engine drives. Subclasses own their networks, optimizers and schedules.
 
-    #: Metric (as returned by ``evaluate``) whose best value picks the "best" checkpoint.
-    primary_metric: str = "leader/top1"
+    Besides the abstract methods, a subclass states what the engine shows and keeps, so that
+    the engine, the tracker and the tasks need no method-specific code:
+
+    * ``primary_metric``: the ``evaluate`` metric whose best value picks the best checkpoint,
+      the deploy network's top-1;
+    * ``deploy_name``: the name of the deployed network; the best one is saved as
+      ``checkpoints/model_<deploy_name>_best.pth`` in the release's format;
+    * ``progress_terms`` and ``epoch_metrics``: the training terms on the progress bar and the
+      test metrics on each epoch's log line;
+    * ``num_views``: independently augmented views of each sample the method trains on; with
+      more than one, ``step`` gets images of shape ``views x B x C x H x W``;
+    * :meth:`networks`: where each evaluable network's weights sit in :meth:`state_dict`, so
+      ``task=eval``/``task=export`` can take any of them out of a run state.
+    """
+
+    primary_metric: str = "deploy/top1"
+    deploy_name: str = "net0"
+    progress_terms: tuple[str, ...] = ()
+    epoch_metrics: tuple[str, ...] = ("ensemble/top1",)
+    num_views: int = 1
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -42,6 +63,23 @@ class OnlineMethod(ABC):
         self._epoch: int | None = None
         self._batches_per_epoch: int | None = None
         self._iter = 0
+
+    @classmethod
+    def option_errors(cls, cfg: DictConfig, key: str) -> list[str]:
+        """Every problem of this method's options, the node ``cfg.<key>``, one line each.
+
+        Called by the config validation before any work starts (``cfg`` the composed config,
+        ``key`` = ``distill``), so each line names the key (``distill.<option>``), the bad value
+        and what is allowed. The default accepts anything.
+        """
+        return []
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Raise :class:`ConfigError` with :meth:`option_errors` of ``options`` (constructors)."""
+        errors = cls.option_errors(OmegaConf.create({"distill": options}), "distill")
+        if errors:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
     @staticmethod
     def _no_forward(*_: Any) -> Any:
@@ -71,10 +109,18 @@ class OnlineMethod(ABC):
         )
 
     def prepare(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Move a batch to the device, in the networks' memory format."""
+        """Move a batch to the device, in the networks' memory format.
+
+        A views x B x C x H x W batch (``num_views > 1``) is laid out so that every view
+        ``images[k]`` is itself in that format (memory formats are defined for 4-d tensors).
+        """
         images = images.to(self.device, non_blocking=True)
-        images = images.contiguous(memory_format=self.memory_format)
-        return images, labels.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if images.dim() == 5:
+            if self.memory_format is torch.channels_last:
+                return images.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3), labels
+            return images.contiguous(), labels
+        return images.contiguous(memory_format=self.memory_format), labels
 
     def distribute(self, wrap_ddp: Callable[[nn.Module], nn.Module]) -> None:
         """Wrap the training forward in ONE data-parallel wrapper (``wrap_ddp(module)``).
@@ -171,6 +217,14 @@ class OnlineMethod(ABC):
     def deploy_model(self) -> nn.Module:
         """The network users keep (FFSD: the leader)."""
 
+    @abstractmethod
+    def networks(self) -> dict[str, str]:
+        """Each evaluable network's name -> the prefix of its keys in ``state_dict()["modules"]``.
+
+        A prefix is ``<module name>.<key prefix inside it>``, e.g. ``nets.leader.``; the network
+        ``deploy_name`` must be among them.
+        """
+
     def train(self) -> None:
         for m in self.modules().values():
             m.train()
@@ -183,6 +237,9 @@ class OnlineMethod(ABC):
         return {
             "modules": {k: m.state_dict() for k, m in self.modules().items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+            # Read by ffsd.tasks.weights to take one network out of a run state.
+            "networks": self.networks(),
+            "deploy": self.deploy_name,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -22,7 +22,8 @@ Loss names returned by ``step`` (weights applied, i.e. each term as it enters it
 ``acc`` is the training-batch top-1 in percent. ``evaluate`` returns ``<net>/top<k>`` and
 ``<net>/ce`` for ``student{i}``, ``fusion`` and ``leader``, plus ``students_mean/top<k>``,
 ``ensemble/top<k>`` (mean of the students' logits), ``ensemble/ce`` and ``oracle/top<k>`` (a
-sample counts when *any* student is right: the release's "ensemble accuracy", spec Quirks 4).
+sample counts when *any* student is right: the release's "ensemble accuracy", spec Quirks 4),
+and ``deploy/top<k>``, ``deploy/ce``: the leader's, under the name every method uses.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from ffsd import losses as L
+from ffsd.config import Checker
 from ffsd.methods.base import OnlineMethod, Reduce, _identity
+from ffsd.methods.metrics import batch_accuracy, topk_hits
 from ffsd.models.base import TapNet
 from ffsd.models.decoder import Decoder
 from ffsd.models.fusion import FusionModule
@@ -43,10 +47,6 @@ from ffsd.schedules import Schedule
 
 #: Order of the weights packed into the tensor ``FFSDNetworks.forward`` takes.
 LAMBDA_KEYS = ("div", "student_sd", "fusion", "sd")
-
-
-def _acc(logits: Tensor, labels: Tensor) -> Tensor:
-    return (logits.argmax(1) == labels).float().mean() * 100.0
 
 
 class FFSDNetworks(nn.Module):
@@ -102,7 +102,7 @@ class FFSDNetworks(nn.Module):
         # Step 2: the students.
         for i, o in enumerate(outs):
             ce = F.cross_entropy(o.logits, labels)
-            kd = sum(L.kd_loss(o.logits, outs[j].logits, t) for j in range(n) if j != i) / (n - 1)
+            kd = sum(L.kl_t(outs[j].logits, o.logits, t) for j in range(n) if j != i) / (n - 1)
             loss = ce + kd
             terms[f"student{i}/ce"], terms[f"student{i}/kd"] = ce, kd
             if i >= 1:
@@ -116,21 +116,21 @@ class FFSDNetworks(nn.Module):
                 loss = loss + div + sd
                 terms[f"student{i}/diversity"], terms[f"student{i}/self_distill"] = div, sd
             terms[f"student{i}/loss"] = loss
-            terms[f"student{i}/acc"] = _acc(o.logits, labels)
+            terms[f"student{i}/acc"] = batch_accuracy(o.logits, labels)
             total = total + loss
 
         # Step 3: the fusion module learns from the labels and the students' mean logits.
         f_ce = F.cross_entropy(z_f, labels)
-        f_kd = L.kd_loss(z_f, z_e, t)
+        f_kd = L.kl_t(z_e, z_f, t)
         terms["fusion/ce"], terms["fusion/kd"] = f_ce, f_kd
         terms["fusion/loss"] = f_ce + f_kd
-        terms["fusion/acc"] = _acc(z_f, labels)
+        terms["fusion/acc"] = batch_accuracy(z_f, labels)
         total = total + terms["fusion/loss"]
 
         # Step 4: the leader learns from F's logits, F's map g and the students' fused input u.
         g_det = g.detach()
         l_ce = F.cross_entropy(out_l.logits, labels)
-        l_kd = L.kd_loss(out_l.logits, z_f, t)
+        l_kd = L.kl_t(z_f, out_l.logits, t)
         l_fusion = lam_fusion * L.attn_loss(L.attention(out_l.taps[-1]), L.attention(g_det))
         l_trans = lam_fusion * L.attn_loss(L.attention(out_l.trans), L.attention(u))
         with torch.no_grad():
@@ -145,7 +145,7 @@ class FFSDNetworks(nn.Module):
                 "leader/trans_fusion": l_trans,
                 "leader/self_distill": l_sd,
                 "leader/loss": l_loss,
-                "leader/acc": _acc(out_l.logits, labels),
+                "leader/acc": batch_accuracy(out_l.logits, labels),
             }
         )
         total = total + l_loss
@@ -173,6 +173,13 @@ class FFSD(OnlineMethod):
     student after the first) and ``leader_decoder``; ``nets`` is the :class:`FFSDNetworks`
     container holding them all.
     """
+
+    # The leader is what FFSD ships (spec, "Evaluation"); its best weights keep the release's
+    # file name, checkpoints/model_leader_best.pth.
+    primary_metric = "leader/top1"
+    deploy_name = "leader"
+    progress_terms = ("leader/loss", "leader/acc")
+    epoch_metrics = ("fusion/top1", "students_mean/top1", "ensemble/top1")
 
     def __init__(
         self,
@@ -225,6 +232,16 @@ class FFSD(OnlineMethod):
         self.forward_fn = self.nets
         self._lambda_tensor = torch.zeros(len(LAMBDA_KEYS), device=self.device)
 
+    @classmethod
+    def option_errors(cls, cfg: DictConfig, key: str) -> list[str]:
+        c, prefix = Checker(cfg), key
+        c.number(f"{prefix}.num_students", integer=True, low=2)
+        c.number(f"{prefix}.temperature", strict_low=0)
+        for lam in ("lambda_div", "lambda_sd", "lambda_fusion", "lambda_student_sd"):
+            c.number(f"{prefix}.{lam}", low=0)
+        c.number(f"{prefix}.lambda_warmup_epochs", integer=True, low=0)
+        return c.errors
+
     # -- public network handles --------------------------------------------------------------
     @property
     def students(self) -> list[TapNet]:
@@ -254,6 +271,11 @@ class FFSD(OnlineMethod):
 
     def deploy_model(self) -> nn.Module:
         return self.nets.leader
+
+    def networks(self) -> dict[str, str]:
+        return {"leader": "nets.leader."} | {
+            f"student{i}": f"nets.students.{i}." for i in range(self.num_students)
+        }
 
     # -- schedule ----------------------------------------------------------------------------
     def warmed_lambdas(self, epoch: int) -> dict[str, float]:
@@ -332,7 +354,7 @@ class FFSD(OnlineMethod):
             z_s = [o.logits for o in outs]
             z_e = torch.stack(z_s).mean(0)
             logits = [*z_s, z_f, z_l, z_e]
-            hits = [_topk_hits(z, labels, ks) for z in logits]  # each: B x len(ks) bool
+            hits = [topk_hits(z, labels, ks) for z in logits]  # each: B x len(ks) bool
             oracle = torch.stack(hits[: self.num_students]).any(0)
             for row, h in enumerate([*hits, oracle]):
                 correct[row] += h.sum(0)
@@ -357,16 +379,14 @@ class FFSD(OnlineMethod):
             out[f"students_mean/top{k}"] = sum(acc[i][col] for i in range(self.num_students)) / (
                 self.num_students
             )
+        # The same names as every other method's deployed network (baselines spec, "Metric
+        # names"), so a comparison of methods reads one key.
+        for k in ks:
+            out[f"deploy/top{k}"] = out[f"leader/top{k}"]
+        out["deploy/ce"] = out["leader/ce"]
         return out
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["num_students"] = self.num_students
         return state
-
-
-def _topk_hits(logits: Tensor, labels: Tensor, ks: Sequence[int]) -> Tensor:
-    """B x len(ks) booleans: is the label among the top-k predictions, for each k."""
-    maxk = min(max(ks), logits.size(1))
-    top = logits.topk(maxk, dim=1).indices == labels[:, None]
-    return torch.stack([top[:, : min(k, maxk)].any(1) for k in ks], 1)

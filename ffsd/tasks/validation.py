@@ -8,51 +8,18 @@ failures are reported together. It sits in the task layer because it knows every
 
 from __future__ import annotations
 
-import numbers
-
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ffsd.config import ConfigError, models_for_size
+from ffsd.config import Checker, ConfigError, models_for_size
+from ffsd.data.tensor_pipeline import PAD_MODES
 from ffsd.training.preemption import parse_signal
 from ffsd.training.runtime import MALLOPT_MAX_MB
 
 
-class _Checker:
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-        self.errors: list[str] = []
-
-    def get(self, key: str):
-        return OmegaConf.select(self.cfg, key, throw_on_missing=False, default=None)
-
-    def number(
-        self, key: str, *, integer: bool = False, low=None, strict_low=None, high=None
-    ) -> None:
-        value = self.get(key)
-        kind = "an integer" if integer else "a number"
-        ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not (
-            isinstance(value, bool)
-        )
-        if not ok_type:
-            self.errors.append(f"{key}={value!r} must be {kind}")
-            return
-        if low is not None and value < low:
-            self.errors.append(f"{key}={value!r} is not allowed: must be >= {low}")
-        if strict_low is not None and value <= strict_low:
-            self.errors.append(f"{key}={value!r} is not allowed: must be > {strict_low}")
-        if high is not None and value > high:
-            self.errors.append(f"{key}={value!r} is not allowed: must be <= {high}")
-
-    def choice(self, key: str, choices: list[str] | tuple[str, ...]) -> None:
-        value = self.get(key)
-        if value not in choices:
-            self.errors.append(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
-
-
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming every bad key, value and the valid choices."""
-    c = _Checker(cfg)
+    c = Checker(cfg)
     # trainer
     c.number("trainer.epochs", integer=True, low=1)
     c.number("trainer.batch_size", integer=True, low=1)
@@ -77,6 +44,8 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(c.get(key), bool):
             c.errors.append(f"{key}={c.get(key)!r} must be true or false")
     c.choice("dataset.pipeline", ("tensor", "dataloader"))
+    if "pad_mode" in (c.get("dataset") or {}):  # CIFAR's key; other datasets have no padding
+        c.choice("dataset.pad_mode", PAD_MODES)
     target = c.get("dataset._target_")
     if c.get("dataset.pipeline") == "tensor" and target:
         cls = get_class(target)
@@ -102,13 +71,10 @@ def validate(cfg: DictConfig) -> None:
             "give a signal name such as USR2, USR1 or TERM, or null to turn it off"
         )
 
-    # distill (FFSD's keys; another method validates its own)
-    if c.get("distill.num_students") is not None:
-        c.number("distill.num_students", integer=True, low=2)
-        c.number("distill.temperature", strict_low=0)
-        for lam in ("lambda_div", "lambda_sd", "lambda_fusion", "lambda_student_sd"):
-            c.number(f"distill.{lam}", low=0)
-        c.number("distill.lambda_warmup_epochs", integer=True, low=0)
+    # distill: each method checks its own keys (OnlineMethod.option_errors)
+    target = c.get("distill._target_")
+    if target:
+        c.errors += get_class(target).option_errors(cfg, "distill")
 
     # dataset
     c.number("dataset.num_classes", integer=True, low=2)

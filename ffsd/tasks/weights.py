@@ -3,10 +3,13 @@
 Reads (always with ``torch.load(weights_only=True)``, through
 :func:`ffsd.training.checkpoint.safe_load`):
 
-* the released code's files and this project's ``checkpoints/model_leader_best.pth``:
-  ``{"weight": state_dict, "epoch", "cfg": model name, "index": "leader" | "0" | "1" | ...}``;
+* the released code's files and this project's ``checkpoints/model_<deploy>_best.pth``:
+  ``{"weight": state_dict, "epoch", "cfg": model name, "index": "leader" | "0" | "1" | ...}``
+  (other methods' files carry their network's name, ``net0``, as index);
 * this project's run state ``checkpoints/last.pt`` (``format: ffsd-state``), which holds every
-  network: the leader under ``leader.*``, student i under ``students.<i>.*``;
+  network of any method and lists where each one's weights are (``method.networks``, and the
+  deployed one, ``method.deploy``; FFSD: the leader under ``nets.leader.*``, student i under
+  ``nets.students.<i>.*``);
 * a bare ``state_dict`` of one network.
 
 From the weights alone it infers whether the network is a leader (it has the trans-fusion head
@@ -48,7 +51,11 @@ RELEASE_MODEL_NAMES = {
 #: How many keys of each kind a mismatch message lists.
 SHOW = 5
 
-NETWORK_PATTERN = re.compile(r"^(auto|leader|student\d+)$")
+#: ``task.network``: auto, FFSD's leader/student<i>, or another method's net<k>, branch<k>, peer<k>
+#: (the names its run state lists; ``OnlineMethod.networks``).
+NETWORK_PATTERN = re.compile(r"^(auto|leader|(student|net|branch|peer)\d+)$")
+#: Release-format ``index`` values of networks other methods save (``model_<name>_best.pth``).
+NAMED_INDEX = re.compile(r"^(student|net|branch|peer)\d+$")
 
 
 @dataclass
@@ -124,10 +131,15 @@ def require_checkpoint(cfg: DictConfig, task: str) -> Path:
 
 
 def check_network_choice(network: str, key: str) -> None:
-    """``auto``, ``leader`` or ``student<i>``; else a :class:`ConfigError` naming ``key``."""
+    """``auto``, ``leader``, ``student<i>``, ``net<k>``, ``branch<k>`` or ``peer<k>``.
+
+    Anything else is a :class:`ConfigError` naming ``key``; whether the file holds that network
+    is checked when it is read.
+    """
     if not isinstance(network, str) or not NETWORK_PATTERN.match(network):
         raise ConfigError(
-            f"{key}={network!r} is not valid; choose one of: auto, leader, student0, student1, ..."
+            f"{key}={network!r} is not valid; choose one of: auto, leader, student<i> (FFSD), "
+            "net<k> (independent, DML, KDCL), branch<k>, peer<k>"
         )
 
 
@@ -167,8 +179,8 @@ def _head_students(path: Path, state: Mapping[str, Tensor]) -> int:
 
 def _wanted_matches(network: str, found: str, path: Path) -> str:
     """The name of the one network a file holds, checked against ``task.network``."""
-    if found == "unknown" and network.startswith("student"):
-        return network  # a bare student state_dict: the user says which student it is
+    if found == "unknown" and network != "auto" and network != "leader":
+        return network  # a bare one-network state_dict: the user says which network it is
     if network not in ("auto", found):
         what = "a student without the trans-fusion head" if found == "unknown" else f"the {found}"
         raise CheckpointError(
@@ -179,25 +191,51 @@ def _wanted_matches(network: str, found: str, path: Path) -> str:
     return found
 
 
-def _from_run_state(path: Path, blob: dict[str, Any], network: str) -> NetworkCheckpoint:
-    try:
-        nets = blob["method"]["modules"]["nets"]
-    except (KeyError, TypeError) as err:
+def _run_state_networks(path: Path, blob: dict[str, Any]) -> tuple[dict[str, str], str]:
+    """(network name -> key prefix in ``method.modules``, deploy network) of a run state.
+
+    Run states list their networks (``OnlineMethod.networks``); earlier FFSD run states did
+    not, and hold FFSD's layout under ``nets``.
+    """
+    method = blob.get("method")
+    if not isinstance(method, Mapping) or not isinstance(method.get("modules"), Mapping):
+        raise CheckpointError(f"{path} is an ffsd run state without method.modules; it is damaged")
+    listed = method.get("networks")
+    if isinstance(listed, Mapping) and listed:
+        deploy = str(method.get("deploy") or next(iter(listed)))
+        return {str(k): str(v) for k, v in listed.items()}, deploy
+    nets = method["modules"].get("nets")
+    if not isinstance(nets, Mapping):
         raise CheckpointError(
-            f"{path} is an ffsd run state without method.modules.nets (missing {err}); it was not "
-            "written by the FFSD method, or it is damaged"
-        ) from err
+            f"{path} is an ffsd run state that neither lists its networks nor holds FFSD's "
+            "method.modules.nets; it is damaged"
+        )
     students = sorted({int(m.group(1)) for k in nets if (m := re.match(r"students\.(\d+)\.", k))})
-    choice = "leader" if network == "auto" else network
-    prefix = "leader." if choice == "leader" else f"students.{choice[len('student') :]}."
-    state = {k[len(prefix) :]: v for k, v in nets.items() if k.startswith(prefix)}
-    if not state:
-        have = ", ".join(["leader", *(f"student{i}" for i in students)])
+    found = {"leader": "nets.leader."} | {f"student{i}": f"nets.students.{i}." for i in students}
+    return found, "leader"
+
+
+def _from_run_state(path: Path, blob: dict[str, Any], network: str) -> NetworkCheckpoint:
+    networks, deploy = _run_state_networks(path, blob)
+    choice = deploy if network == "auto" else network
+    if choice not in networks:
         raise CheckpointError(
-            f"{path} has no network {choice!r} (task.network={network}); it holds: {have}"
+            f"{path} has no network {choice!r} (task.network={network}); it holds: "
+            f"{', '.join(networks)} (the deployed one: {deploy})"
+        )
+    module, _, prefix = networks[choice].partition(".")
+    weights = blob["method"]["modules"].get(module)
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{path} lists network {choice!r} in module {module!r}, not saved")
+    state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(
+            f"{path} lists network {choice!r} under {networks[choice]!r} but holds no weights "
+            "there; the file is damaged"
         )
     fingerprint = blob.get("fingerprint") or {}
     leader = any(k.startswith(HEAD) for k in state)
+    students = [n for n in networks if n.startswith("student")]
     return NetworkCheckpoint(
         path=path,
         kind="run-state",
@@ -258,6 +296,8 @@ def read_network_checkpoint(path: str | Path, network: str = "auto") -> NetworkC
         found = "leader"
     elif index is not None and index.isdigit():
         found = f"student{index}"
+    elif index is not None and NAMED_INDEX.match(index):
+        found = index
     else:
         found = "unknown"
     if index == "leader" and not leader:

@@ -21,7 +21,7 @@ A run holds:
   (``best/<net>/top<k>``, ``best_epoch/<net>/top<k>``, ``final/<net>/top<k>``).
 * artifacts: ``config/`` (config.yaml, overrides.yaml, hydra.yaml), ``environment/pip_freeze.txt``,
   ``logs/`` (Hydra's job log), ``results/`` (metrics.jsonl, summary.json) and
-  ``checkpoints/model_leader_best.pth``.
+  ``checkpoints/model_<deploy>_best.pth`` (FFSD: ``model_leader_best.pth``).
 
 Resuming: the engine passes the run id saved in ``checkpoints/last.pt``; the same run is
 reopened, never a new one, and any epoch in ``metrics.jsonl`` that the store lacks is sent.
@@ -481,14 +481,12 @@ class MLflowTracker(Tracker):
         log_file = None
         if job is not None and job.job_name:
             log_file = (job.output_dir or run_dir) / f"{job.job_name}.log"
+        best = sorted((run_dir / "checkpoints").glob("model_*_best.pth"))
         for path, dest in (
             (log_file, "logs"),
             (run_dir / "metrics.jsonl", "results"),
             (run_dir / "summary.json", "results"),
-            (
-                run_dir / "checkpoints" / "model_leader_best.pth" if self.log_checkpoint else None,
-                "checkpoints",
-            ),
+            *((p, "checkpoints") for p in (best if self.log_checkpoint else [])),
         ):
             if path is not None and path.is_file():
                 self.log_artifact(path, dest)

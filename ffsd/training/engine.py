@@ -9,7 +9,8 @@ Files in the run directory (``trainer.output_dir``):
 
 * ``checkpoints/last.pt``: the full run state after the latest epoch (``ffsd.training.checkpoint``),
   or, after a preemption signal, in the middle of an epoch (below).
-* ``checkpoints/model_leader_best.pth``: the best leader so far, in the release's format.
+* ``checkpoints/model_<deploy>_best.pth``: the method's best deploy network so far
+  (``OnlineMethod.deploy_name``; FFSD: ``model_leader_best.pth``), in the release's format.
 * ``metrics.jsonl``: one JSON object per epoch (train means, test metrics, learning rates, time).
 * ``summary.json``: best and final accuracies, written at the end.
 
@@ -252,6 +253,7 @@ class Trainer:
             world_size=self.dist.world_size,
             device=self.method.device,
             skip_batches=done,
+            views=self.method.num_views,
         )
         n_batches = done + len(loader)
         means = DeviceMeans()
@@ -260,7 +262,7 @@ class Trainer:
             means.load(pos["means"], self.method.device)
         else:
             self.method.begin_epoch(epoch, n_batches)
-        shown = ["leader/loss", "leader/acc"]
+        shown = list(self.method.progress_terms)
         bar = tqdm(
             loader,
             total=n_batches,
@@ -378,12 +380,13 @@ class Trainer:
             if value is not None and (self.best["value"] is None or value > self.best["value"]):
                 self.best.update(value=value, epoch=epoch)
                 if self.dist.is_main:
+                    name = self.method.deploy_name
                     ckpt.save_release(
                         self.method.deploy_model(),
-                        self.ckpt_dir / "model_leader_best.pth",
+                        self.ckpt_dir / f"model_{name}_best.pth",
                         epoch=epoch,
                         cfg=str(OmegaConf.select(self.cfg, "model.name")),
-                        index="leader",
+                        index=name,
                     )
         record["time/epoch_s"] = time.perf_counter() - start
         self.history.append(record)
@@ -394,7 +397,7 @@ class Trainer:
             self._write_history()
             metrics = {k: float(v) for k, v in record.items() if k != "epoch"}
             self.tracker.log_metrics(metrics, step=epoch)
-            log.info(epoch_line(record, self.method.primary_metric, int(self.t.epochs)))
+            log.info(epoch_line(record, self.method, int(self.t.epochs)))
         self.save_state(epoch)
         self.dist.barrier()
         return record
@@ -438,17 +441,13 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def epoch_line(record: dict[str, Any], primary: str, epochs: int) -> str:
+def epoch_line(record: dict[str, Any], method: OnlineMethod, epochs: int) -> str:
+    """One log line per epoch: the method's first progress term, its primary and epoch metrics."""
     parts = [f"epoch {record['epoch']}/{epochs}"]
-    for key, label in (
-        ("train/leader/loss", "leader loss"),
-        (f"test/{primary}", primary),
-        ("test/fusion/top1", "fusion/top1"),
-        ("test/students_mean/top1", "students/top1"),
-        ("test/ensemble/top1", "ensemble/top1"),
-        ("throughput/train_img_s", "img/s"),
-        ("time/epoch_s", "s"),
-    ):
+    keys = [(f"train/{t}", t.replace("/", " ")) for t in method.progress_terms[:1]]
+    keys += [(f"test/{m}", m) for m in (method.primary_metric, *method.epoch_metrics)]
+    keys += [("throughput/train_img_s", "img/s"), ("time/epoch_s", "s")]
+    for key, label in keys:
         if key in record:
             parts.append(f"{label} {record[key]:.4g}")
     return " | ".join(parts)

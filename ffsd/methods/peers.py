@@ -1,0 +1,193 @@
+"""What the methods of K independent networks share: the networks, one optimizer, the evaluation.
+
+Independent training, DML and KDCL (``shared/baselines-spec.md`` sections 1, 2 and 6) train K
+full copies of the backbone, each initialised independently with the backbone's own
+initialisation, with no shared parameters. :class:`PeerNetworks` holds them, and a subclass's
+``forward`` computes every loss term of one iteration, so one backward over the sum updates
+every network (the losses touch disjoint parameters and every cross-network target is detached,
+so this equals a backward and step per network; a method whose targets are not detached, DML
+with ``detach=false``, optimises the sum, as its reference does).
+
+One SGD with one parameter group per network gives exactly the update of one SGD per network
+with the same hyper-parameters (baselines spec, "Reference protocols": momentum, Nesterov and
+weight decay are element-wise).
+
+Evaluation (baselines spec, "Metric names"): ``net{k}/top<k>`` and ``net{k}/ce`` of every
+network, ``net_mean/top<k>`` and ``net_std/top<k>`` (mean and sample standard deviation over the
+networks; the std needs K >= 2), ``ensemble/top<k>`` (argmax of the mean of the networks'
+logits, never an oracle) and ``deploy/top<k>`` (the deployed network, ``net{deploy}``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from ffsd.config import Checker
+from ffsd.methods.base import OnlineMethod, Reduce, _identity
+from ffsd.methods.metrics import LogitCounts
+from ffsd.models.base import TapNet
+from ffsd.schedules import Schedule
+
+
+class PeerNetworks(nn.Module):
+    """K independently initialised copies of one backbone, ``nets.<k>.*``; subclasses add the loss.
+
+    ``forward(images, labels)`` returns (sum of every loss, dict of detached terms); ``images``
+    is B x C x H x W, or views x B x C x H x W for a method with ``num_views > 1`` (network k
+    then trains on view k).
+    """
+
+    def __init__(
+        self, net_factory: Callable[..., TapNet], num_classes: int, num_networks: int
+    ) -> None:
+        super().__init__()
+        self.num_networks = int(num_networks)
+        # Built one after another from the global generator: each copy gets its own draw of the
+        # backbone's initialisation (the engine seeds that generator from trainer.seed).
+        self.nets = nn.ModuleList(
+            net_factory(num_classes=num_classes, leader=False, num_students=num_networks)
+            for _ in range(num_networks)
+        )
+
+    def logits(self, images: Tensor) -> list[Tensor]:
+        """Every network's logits; network k on view k of a views x B x ... batch."""
+        if images.dim() == 5:
+            return [net(images[k]).logits for k, net in enumerate(self.nets)]
+        return [net(images).logits for net in self.nets]
+
+
+class PeerMethod(OnlineMethod):
+    """Base of the K-network methods: optimizer, learning-rate schedule, evaluation, state.
+
+    Subclasses set ``min_networks``, build their :class:`PeerNetworks` subclass in
+    :meth:`build_networks` and may override :meth:`step`.
+    """
+
+    #: Fewest networks the method is defined for (baselines spec, each section's (a)).
+    min_networks = 2
+    #: The optimizer group of ``cfg.optim`` that trains the networks.
+    optim_group = "networks"
+
+    def __init__(
+        self,
+        *,
+        net: Callable[..., TapNet],
+        optim: Mapping[str, Callable[..., torch.optim.Optimizer]],
+        schedule: Schedule,
+        num_classes: int,
+        num_networks: int,
+        deploy: int,
+        topk: Sequence[int] = (1,),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(device)
+        self.num_networks = int(num_networks)
+        self.num_classes = int(num_classes)
+        self.deploy = int(deploy)
+        self.deploy_name = f"net{self.deploy}"
+        self.progress_terms = (f"net{self.deploy}/loss", f"net{self.deploy}/acc")
+        self.epoch_metrics = ("net_mean/top1", "ensemble/top1")
+        self.topk = tuple(sorted({int(k) for k in topk}))
+        self.schedule = schedule
+        self.nets = self.build_networks(net, num_classes).to(self.device)
+        self.optimizer = optim[self.optim_group](
+            [{"params": n.parameters()} for n in self.nets.nets]
+        )
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.forward_fn = self.nets
+
+    def build_networks(self, net: Callable[..., TapNet], num_classes: int) -> PeerNetworks:
+        """The method's networks and loss; subclasses return their :class:`PeerNetworks`."""
+        raise NotImplementedError
+
+    @classmethod
+    def option_errors(cls, cfg: DictConfig, key: str) -> list[str]:
+        c = Checker(cfg)
+        c.number(f"{key}.num_networks", integer=True, low=cls.min_networks)
+        k = c.get(f"{key}.num_networks")
+        if isinstance(k, int) and not isinstance(k, bool):
+            c.number(f"{key}.deploy", integer=True, low=0, high=k - 1)
+        return c.errors
+
+    # -- state ---------------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"nets": self.nets}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"networks": self.optimizer}
+
+    def deploy_model(self) -> nn.Module:
+        # Any single network can be deployed; the spec reports the mean over k, not the max.
+        return self.nets.nets[self.deploy]
+
+    def networks(self) -> dict[str, str]:
+        return {f"net{k}": f"nets.nets.{k}." for k in range(self.num_networks)}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["num_networks"] = self.num_networks
+        return state
+
+    # -- schedule ------------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:
+        super().begin_epoch(epoch, batches_per_epoch)
+        self._set_lrs(epoch, 0)
+
+    def _set_lrs(self, epoch: int, it: int) -> None:
+        progress = (it + 1) / self._batches_per_epoch if self._batches_per_epoch else 1.0
+        factor = self.schedule.factor(epoch - 1, progress, warmup=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"lr/networks": self.optimizer.param_groups[0]["lr"]}
+
+    # -- training ------------------------------------------------------------------------------
+    def _start_step(self, images: Tensor, labels: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
+        if self._epoch != epoch:
+            self.begin_epoch(epoch)
+        if self.schedule.warmup_epochs and epoch <= self.schedule.warmup_epochs:
+            self._set_lrs(epoch, self._iter)
+        self._iter += 1
+        if not self.nets.training:
+            self.nets.train()
+        return self.prepare(images, labels)
+
+    def step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
+        images, labels = self._start_step(images, labels, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            total, terms = self.forward_fn(images, labels)
+        total.backward()
+        self.optimizer.step()
+        return terms
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, reduce: Reduce = _identity) -> dict[str, float]:
+        self.eval()
+        k_nets = self.num_networks
+        counts = LogitCounts(
+            [*(f"net{k}" for k in range(k_nets)), "ensemble"], self.topk, self.device
+        )
+        for images, labels in loader:
+            images, labels = self.prepare(images, labels)
+            with self.autocast():
+                z = self.nets.logits(images)
+            counts.add([*z, torch.stack(z).float().mean(0)], labels)
+        out = counts.result(reduce)
+        for k in self.topk:
+            per_net = [out[f"net{i}/top{k}"] for i in range(k_nets)]
+            out[f"net_mean/top{k}"] = statistics.fmean(per_net)
+            if k_nets > 1:
+                out[f"net_std/top{k}"] = statistics.stdev(per_net)
+            out[f"deploy/top{k}"] = out[f"net{self.deploy}/top{k}"]
+        out["deploy/ce"] = out[f"net{self.deploy}/ce"]
+        return out
