@@ -72,10 +72,13 @@ def compose(args: argparse.Namespace, dataset: str, extra: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    # FFSD counts its students; the K-network methods their networks (conf/distill/*.yaml).
+    count = "num_students" if args.method == "ffsd" else "num_networks"
     overrides = [
         f"model={args.model}",
         f"dataset={dataset}",
-        f"distill.num_students={args.students}",
+        f"distill={args.method}",
+        f"distill.{count}={args.students}",
         f"trainer.batch_size={args.batch_size}",
         "trainer.output_dir=/unused",
         *extra,
@@ -104,6 +107,8 @@ def bench_step(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(dev)
     y = torch.randint(100, (args.batch_size,), generator=g).to(dev)
+    if method.num_views > 1:  # one independently augmented view per network (KDCL)
+        x = torch.stack([x.roll(v, 0) for v in range(method.num_views)])
     method.begin_epoch(6)
     if args.release_shaped:
         # The release's iteration, as tests/test_method.py writes it to check ffsd against:
@@ -184,19 +189,27 @@ def bench_epoch(args: argparse.Namespace) -> dict:
         data = instantiate(cfg.dataset, _convert_="all")
         method, applied = build(args, cfg, 100)
         dev = method.device
+        views = method.num_views
         x = torch.randn(args.batch_size, 3, 32, 32).to(dev)
         y = torch.randint(100, (args.batch_size,)).to(dev)
+        if views > 1:
+            x = torch.stack([x] * views)
         # Warm-up: compile, allocator, data upload, worker start-up are not the epoch's cost.
         method.begin_epoch(6)
-        for images, labels in data.train_loader(args.batch_size, seed=0, epoch=1, device=dev):
+        for images, labels in data.train_loader(
+            args.batch_size, seed=0, epoch=1, device=dev, views=views
+        ):
             method.step(images, labels, 6)
             break
         sync(dev)
-        n_batches = len(data.train_loader(args.batch_size, seed=0, epoch=2, device=dev))
+        n_batches = len(
+            data.train_loader(args.batch_size, seed=0, epoch=2, device=dev, views=views)
+        )
 
         def epoch(k: int) -> float:
             t = time.perf_counter()
-            for images, labels in data.train_loader(args.batch_size, seed=0, epoch=k, device=dev):
+            batches = data.train_loader(args.batch_size, seed=0, epoch=k, device=dev, views=views)
+            for images, labels in batches:
                 method.step(images, labels, 6)
             sync(dev)
             return time.perf_counter() - t
@@ -209,13 +222,14 @@ def bench_epoch(args: argparse.Namespace) -> dict:
                     if k < n_batches - 1
                     else args.epoch_images - k * args.batch_size
                 )
-                method.step(x[:n], y[:n], 6)
+                method.step(x[:, :n] if views > 1 else x[:n], y[:n], 6)
             sync(dev)
             return time.perf_counter() - t
 
         def pipeline_alone(k: int) -> float:  # the batches alone, no training
             t = time.perf_counter()
-            for images, _ in data.train_loader(args.batch_size, seed=0, epoch=k, device=dev):
+            batches = data.train_loader(args.batch_size, seed=0, epoch=k, device=dev, views=views)
+            for images, _ in batches:
                 images.sum()  # touch them, as a step would
             sync(dev)
             return time.perf_counter() - t
@@ -250,7 +264,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet32")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--students", type=int, default=2)
+    p.add_argument("--method", default="ffsd", help="a conf/distill option (ffsd, dml, ...)")
+    p.add_argument(
+        "--students", type=int, default=2, help="FFSD's students, or another method's networks"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     p.add_argument("--channels-last", action="store_true")
@@ -285,6 +302,7 @@ def main() -> None:
     common = {
         "model": args.model,
         "batch_size": args.batch_size,
+        "method": args.method,
         "students": args.students,
         "device": args.device,
         "options": {

@@ -46,3 +46,9 @@ def test_release_shaped_baseline_and_glibc_defaults_by_override():
     )
     assert step["iteration"] == "release-shaped" and step["images_per_s"] > 0
     assert step["options"]["host_malloc"] == "C library defaults"
+
+
+def test_every_method_steps_with_its_own_network_count():
+    for method in ("independent", "dml", "kdcl"):  # kdcl: one view per network
+        (step,) = bench("--method", method, "--students", "3")
+        assert step["method"] == method and step["students"] == 3 and step["images_per_s"] > 0

@@ -46,6 +46,14 @@ def validate(cfg: DictConfig) -> None:
     c.choice("dataset.pipeline", ("tensor", "dataloader"))
     if "pad_mode" in (c.get("dataset") or {}):  # CIFAR's key; other datasets have no padding
         c.choice("dataset.pad_mode", PAD_MODES)
+    protocol = c.get("protocol.name")
+    if protocol not in (None, "ffsd") and c.get("dataset.name") not in ("cifar10", "cifar100"):
+        # A reference protocol sets CIFAR's padding and normalisation (conf/protocol/*.yaml).
+        c.errors.append(
+            f"protocol={protocol} reproduces a CIFAR reference protocol (padding, normalisation) "
+            f"but dataset={c.get('dataset.name')}; use dataset=cifar100 (or cifar10), or "
+            "protocol=ffsd"
+        )
     target = c.get("dataset._target_")
     if c.get("dataset.pipeline") == "tensor" and target:
         cls = get_class(target)
