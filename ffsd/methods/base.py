@@ -225,6 +225,11 @@ class OnlineMethod(ABC):
         ``deploy_name`` must be among them.
         """
 
+    def describe(self) -> str:
+        """One line for the run log: the networks and their trainable parameters."""
+        unique = {id(p): p.numel() for m in self.modules().values() for p in m.parameters()}
+        return f"{', '.join(self.networks())}: {sum(unique.values()):,} trainable parameters"
+
     def train(self) -> None:
         for m in self.modules().values():
             m.train()

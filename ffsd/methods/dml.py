@@ -22,11 +22,13 @@ Switches, each reproducing a reference (section 2's table):
   independent training, a check rather than a reference setting;
 * ``update``: ``joint`` (default) or ``alternating``, the paper's Algorithm 1 *(unverified)*: on
   one batch, for k = 1..K, forward every network with its current weights, then step network k
-  alone (K forwards per batch). The official code's fresh batch per network is a side effect of
-  TF queues and is not reproduced.
+  alone (K forwards per batch; each peer forward runs in training mode, so it also advances the
+  peer's BatchNorm running statistics, as recomputing the predictions does). The official code's
+  fresh batch per network is a side effect of TF queues and is not reproduced.
 
-MCL-OKD's shared stem (``share_stem: layer1``) needs the backbones as stage lists and is not
-available yet; the option refuses anything but ``false``.
+* ``share_stem``: false (default), or ``layer1``: MCL-OKD's networks share ``conv1``, ``bn1``,
+  ``layer1`` (stages S0-S1) and each keeps its own ``layer2``, ``layer3`` and classifier (CIFAR
+  ResNets and WRNs); the shared stem receives every network's gradient, with ``update=joint``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from ffsd import losses as L
 from ffsd.config import Checker
 from ffsd.methods.metrics import batch_accuracy
-from ffsd.methods.peers import PeerMethod, PeerNetworks
+from ffsd.methods.peers import PeerMethod, PeerNetworks, branching_errors
 from ffsd.models.base import TapNet
 
 TARGETS = ("pairwise", "mean_of_peers")
@@ -65,8 +67,9 @@ class DMLNetworks(PeerNetworks):
         reduction: str,
         kl_eps: float,
         alpha: float,
+        shared_stages: int,
     ) -> None:
-        super().__init__(net_factory, num_classes, num_networks)
+        super().__init__(net_factory, num_classes, num_networks, shared_stages)
         self.temperature, self.target, self.detach = float(temperature), target, bool(detach)
         self.reduction, self.kl_eps, self.alpha = reduction, float(kl_eps), float(alpha)
 
@@ -91,9 +94,9 @@ class DMLNetworks(PeerNetworks):
         for k, z in enumerate(logits):
             ce = F.cross_entropy(z, labels)
             kd = self.mutual_loss(k, logits)
-            terms[f"net{k}/ce"], terms[f"net{k}/kd"] = ce, kd
-            terms[f"net{k}/loss"] = ce + kd
-            terms[f"net{k}/acc"] = batch_accuracy(z, labels)
+            terms[f"{self.member}{k}/ce"], terms[f"{self.member}{k}/kd"] = ce, kd
+            terms[f"{self.member}{k}/loss"] = ce + kd
+            terms[f"{self.member}{k}/acc"] = batch_accuracy(z, labels)
             total = ce + kd if total is None else total + ce + kd
         return total, {k: v.detach() for k, v in terms.items()}
 
@@ -109,10 +112,10 @@ class DMLNetworks(PeerNetworks):
         ce = F.cross_entropy(z, labels)
         kd = self.mutual_loss(k, logits, detach=True)
         terms = {
-            f"net{k}/ce": ce,
-            f"net{k}/kd": kd,
-            f"net{k}/loss": ce + kd,
-            f"net{k}/acc": batch_accuracy(z, labels),
+            f"{self.member}{k}/ce": ce,
+            f"{self.member}{k}/kd": kd,
+            f"{self.member}{k}/loss": ce + kd,
+            f"{self.member}{k}/acc": batch_accuracy(z, labels),
         }
         return ce + kd, {n: v.detach() for n, v in terms.items()}
 
@@ -154,6 +157,8 @@ class DML(PeerMethod):
             "reduction": reduction,
             "kl_eps": kl_eps,
             "alpha": alpha,
+            # MCL-OKD's stem: conv1, bn1, layer1 are stages S0-S1.
+            "shared_stages": 2 if share_stem == "layer1" else 0,
         }
         self.update = update
         super().__init__(num_networks=num_networks, deploy=deploy, **common)
@@ -172,12 +177,14 @@ class DML(PeerMethod):
         c.choice(f"{key}.kl_eps", (0.0, L.KL_EPS))
         c.number(f"{key}.alpha", low=0)
         c.choice(f"{key}.update", UPDATES)
-        if c.get(f"{key}.share_stem") is not False:
-            c.errors.append(
-                f"{key}.share_stem={c.get(f'{key}.share_stem')!r} is not available: MCL-OKD's "
-                "shared stem needs the backbones as stage lists (the multi-branch methods' "
-                "issue); choose: false"
-            )
+        c.choice(f"{key}.share_stem", (False, "layer1"))
+        if c.get(f"{key}.share_stem") == "layer1":
+            c.errors += branching_errors(cfg, f"{key}.share_stem", "layer1")
+            if c.get(f"{key}.update") == "alternating":
+                c.errors.append(
+                    f"{key}.update='alternating' steps one network at a time, which a shared "
+                    f"stem does not allow ({key}.share_stem='layer1'); choose: joint"
+                )
         return errors + c.errors
 
     def distribute(self, wrap_ddp: Callable[[nn.Module], nn.Module]) -> None:

@@ -140,9 +140,9 @@ class KDCLNetworks(PeerNetworks):
                 q = F.softmax(t / temp, 1)
                 per = F.kl_div(log_p, q, reduction="none").sum(1) * (~teaches[k]).to(z.dtype)
                 kd = a * temp * temp * per.sum() / labels.shape[0]
-            terms[f"net{k}/ce"], terms[f"net{k}/kd"] = ce, kd
-            terms[f"net{k}/loss"] = ce + kd
-            terms[f"net{k}/acc"] = batch_accuracy(z, labels)
+            terms[f"{self.member}{k}/ce"], terms[f"{self.member}{k}/kd"] = ce, kd
+            terms[f"{self.member}{k}/loss"] = ce + kd
+            terms[f"{self.member}{k}/acc"] = batch_accuracy(z, labels)
             total = ce + kd if total is None else total + ce + kd
         return total, {k: v.detach() for k, v in terms.items()}
 

@@ -25,14 +25,35 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from ffsd.config import Checker
 from ffsd.methods.base import OnlineMethod, Reduce, _identity
 from ffsd.methods.metrics import LogitCounts
 from ffsd.models.base import TapNet
+from ffsd.models.branches import Branches
 from ffsd.schedules import Schedule
+
+
+def branching_errors(cfg: DictConfig, key: str, value: Any) -> list[str]:
+    """Why ``cfg.model`` cannot share stages between networks (``key=value`` asked for it)."""
+    from hydra.utils import instantiate
+
+    model = OmegaConf.select(cfg, "model.net")
+    if model is None:
+        return []
+    # Built on the meta device: no memory, no initialisation, only the class is needed.
+    with torch.device("meta"):
+        net = instantiate(model, _partial_=True)(num_classes=2)
+    if type(net).stage_modules is None:
+        name = OmegaConf.select(cfg, "model.name")
+        return [
+            f"{key}={value!r} shares backbone stages, which the baselines spec defines for the "
+            f"CIFAR ResNets and WRNs only, not model={name}; choose model=resnet20, resnet32, "
+            "resnet56, wrn16_2, wrn40_2 or wrn28_10"
+        ]
+    return []
 
 
 class PeerNetworks(nn.Module):
@@ -44,19 +65,38 @@ class PeerNetworks(nn.Module):
     """
 
     def __init__(
-        self, net_factory: Callable[..., TapNet], num_classes: int, num_networks: int
+        self,
+        net_factory: Callable[..., TapNet],
+        num_classes: int,
+        num_networks: int,
+        shared_stages: int = 0,
+        member: str = "net",
     ) -> None:
         super().__init__()
         self.num_networks = int(num_networks)
+        self.member = member
         # Built one after another from the global generator: each copy gets its own draw of the
         # backbone's initialisation (the engine seeds that generator from trainer.seed).
-        self.nets = nn.ModuleList(
-            net_factory(num_classes=num_classes, leader=False, num_students=num_networks)
-            for _ in range(num_networks)
-        )
+        if shared_stages:
+            # The networks share their first stages (baselines spec, "Backbones as stage lists"):
+            # independent training's "individual branches", DML's MCL-OKD stem.
+            self.nets: nn.ModuleList = Branches(
+                net_factory, num_classes, num_networks, shared_stages=shared_stages
+            )
+        else:
+            self.nets = nn.ModuleList(
+                net_factory(num_classes=num_classes, leader=False, num_students=num_networks)
+                for _ in range(num_networks)
+            )
+
+    def eval_logits(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """(every network's logits, the method's extra outputs) for evaluation."""
+        return self.logits(images), []
 
     def logits(self, images: Tensor) -> list[Tensor]:
         """Every network's logits; network k on view k of a views x B x ... batch."""
+        if isinstance(self.nets, Branches):  # each shared stage computed once
+            return self.nets(images)
         if images.dim() == 5:
             return [net(images[k]).logits for k, net in enumerate(self.nets)]
         return [net(images).logits for net in self.nets]
@@ -73,6 +113,11 @@ class PeerMethod(OnlineMethod):
     min_networks = 2
     #: The optimizer group of ``cfg.optim`` that trains the networks.
     optim_group = "networks"
+    #: What the metric and network names call a network: ``net`` (``net0/top1``), or ``branch``
+    #: for networks that share stages (baselines spec, "Metric names").
+    member = "net"
+    #: Names of further evaluated outputs (``PeerNetworks.eval_logits``), e.g. ONE's teacher.
+    extra_outputs: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -90,15 +135,23 @@ class PeerMethod(OnlineMethod):
         self.num_networks = int(num_networks)
         self.num_classes = int(num_classes)
         self.deploy = int(deploy)
-        self.deploy_name = f"net{self.deploy}"
-        self.progress_terms = (f"net{self.deploy}/loss", f"net{self.deploy}/acc")
-        self.epoch_metrics = ("net_mean/top1", "ensemble/top1")
+        self.deploy_name = f"{self.member}{self.deploy}"
+        self.progress_terms = (f"{self.deploy_name}/loss", f"{self.deploy_name}/acc")
+        self.epoch_metrics = (f"{self.member}_mean/top1", "ensemble/top1")
         self.topk = tuple(sorted({int(k) for k in topk}))
         self.schedule = schedule
         self.nets = self.build_networks(net, num_classes).to(self.device)
-        self.optimizer = optim[self.optim_group](
-            [{"params": n.parameters()} for n in self.nets.nets]
-        )
+        # One group per network; a stage shared by several networks belongs to the first (the
+        # optimizers act per parameter, so the grouping does not change the update).
+        # A method's own modules beyond the networks (ONE's gate) form one more group.
+        seen: set[int] = set()
+        groups = []
+        for n in [*self.nets.nets, self.nets]:
+            own = [p for p in n.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in own)
+            if own or n is not self.nets:
+                groups.append({"params": own})
+        self.optimizer = optim[self.optim_group](groups)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.forward_fn = self.nets
@@ -128,7 +181,20 @@ class PeerMethod(OnlineMethod):
         return self.nets.nets[self.deploy]
 
     def networks(self) -> dict[str, str]:
-        return {f"net{k}": f"nets.nets.{k}." for k in range(self.num_networks)}
+        return {f"{self.member}{k}": f"nets.nets.{k}." for k in range(self.num_networks)}
+
+    def describe(self) -> str:
+        nets = self.nets.nets
+        if isinstance(nets, Branches):
+            counts = nets.parameter_counts()
+            parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total")
+            total = sum(p.numel() for p in self.nets.parameters())
+            if total > counts["total"]:  # the method's own modules (ONE's gate)
+                parts += f", other {total - counts['total']:,}"
+            k = self.num_networks
+            what = "branches" if self.member == "branch" else "networks"
+            return f"{k} {what} sharing stages: {total:,} parameters ({parts})"
+        return super().describe()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -174,20 +240,20 @@ class PeerMethod(OnlineMethod):
     def evaluate(self, loader: Iterable, reduce: Reduce = _identity) -> dict[str, float]:
         self.eval()
         k_nets = self.num_networks
-        counts = LogitCounts(
-            [*(f"net{k}" for k in range(k_nets)), "ensemble"], self.topk, self.device
-        )
+        m = self.member
+        names = [*(f"{m}{k}" for k in range(k_nets)), "ensemble", *self.extra_outputs]
+        counts = LogitCounts(names, self.topk, self.device)
         for images, labels in loader:
             images, labels = self.prepare(images, labels)
             with self.autocast():
-                z = self.nets.logits(images)
-            counts.add([*z, torch.stack(z).float().mean(0)], labels)
+                z, extra = self.nets.eval_logits(images)
+            counts.add([*z, torch.stack(z).float().mean(0), *extra], labels)
         out = counts.result(reduce)
         for k in self.topk:
-            per_net = [out[f"net{i}/top{k}"] for i in range(k_nets)]
-            out[f"net_mean/top{k}"] = statistics.fmean(per_net)
+            per_net = [out[f"{m}{i}/top{k}"] for i in range(k_nets)]
+            out[f"{m}_mean/top{k}"] = statistics.fmean(per_net)
             if k_nets > 1:
-                out[f"net_std/top{k}"] = statistics.stdev(per_net)
-            out[f"deploy/top{k}"] = out[f"net{self.deploy}/top{k}"]
-        out["deploy/ce"] = out[f"net{self.deploy}/ce"]
+                out[f"{m}_std/top{k}"] = statistics.stdev(per_net)
+            out[f"deploy/top{k}"] = out[f"{m}{self.deploy}/top{k}"]
+        out["deploy/ce"] = out[f"{m}{self.deploy}/ce"]
         return out

@@ -39,6 +39,11 @@ class TapNet(nn.Module):
     tap_channels: tuple[int, ...]
     #: Side of the square input the architecture is built for (32 for CIFAR, 224 for ImageNet).
     input_size: int = 32
+    #: The ordered stages S0..S4 as names of this network's modules, applied in order
+    #: (``ffsd.models.branches`` splits a backbone there); None where no split is specified.
+    stage_modules: tuple[tuple[str, ...], ...] | None = None
+    #: The modules of the head H (global pooling + classifier), applied by ``classify``.
+    head_modules: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()

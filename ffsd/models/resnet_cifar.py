@@ -37,6 +37,10 @@ class CifarResNet(TapNet):
     """ResNet-(6n+2) for 32x32 inputs; ``blocks`` is n, the number of blocks per stage."""
 
     input_size = 32
+    # Baselines spec, "Backbones as stage lists": S0 = conv1, bn1, relu; S1..S3 = layer1..3;
+    # no S4; the head is global pooling + fc.
+    stage_modules = (("conv1", "bn1", "relu"), ("layer1",), ("layer2",), ("layer3",), ())
+    head_modules = ("fc",)
 
     def __init__(
         self, blocks: int, num_classes: int = 100, leader: bool = False, num_students: int = 2

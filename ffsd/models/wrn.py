@@ -35,6 +35,10 @@ class WideBasic(nn.Module):
 
 class WideResNet(TapNet):
     input_size = 32
+    # Baselines spec, "Backbones as stage lists": S0 = conv1; S1..S3 = layer1..3 (pre-activation
+    # blocks); S4 = the final bn1 + relu1; the head is global pooling + linear.
+    stage_modules = (("conv1",), ("layer1",), ("layer2",), ("layer3",), ("bn1", "relu1"))
+    head_modules = ("linear",)
 
     def __init__(
         self,
