@@ -76,6 +76,8 @@ class NetworkCheckpoint:
     recorded_model: str | None
     state: dict[str, Tensor]
     notes: list[str] = field(default_factory=list)
+    #: Every network a run state holds (``OnlineMethod.networks``); empty for one-network files.
+    run_networks: tuple[str, ...] = ()
 
     def inferred(self) -> dict[str, Any]:
         """What was inferred, as plain values (for ``eval.json`` / ``export.json``)."""
@@ -88,6 +90,7 @@ class NetworkCheckpoint:
             "num_classes": self.num_classes,
             "epoch": self.epoch,
             "recorded_model": self.recorded_model,
+            "run_networks": list(self.run_networks),
         }
 
     def describe(self) -> str:
@@ -104,6 +107,8 @@ class NetworkCheckpoint:
                 f"{self.num_students} students (trans-fusion head {head[1]} -> {head[0]} "
                 f"channels = {head[1]} x {self.num_students})"
             )
+        elif self.run_networks and not any(n.startswith("student") for n in self.run_networks):
+            students = f"networks in the run: {', '.join(self.run_networks)}"
         elif self.num_students is not None:
             students = f"{self.num_students} students in the run"
         else:
@@ -246,6 +251,7 @@ def _from_run_state(path: Path, blob: dict[str, Any], network: str) -> NetworkCh
         epoch=blob.get("epoch"),
         recorded_model=fingerprint.get("model"),
         state=state,
+        run_networks=tuple(networks),
     )
 
 
