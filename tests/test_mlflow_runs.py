@@ -4,6 +4,7 @@ real ``mlflow server`` on 127.0.0.1; the report reads them back; a killed job re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -71,55 +72,88 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """``mlflow server`` on 127.0.0.1 with an SQLite backend, as README shows for clusters."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    exe = Path(sys.executable).with_name("mlflow")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
-    cmd += [
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    log = open(root / "server.log", "w")  # noqa: SIM115 (closed in teardown)
-    env = clean_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with an SQLite backend, as README shows for clusters.
+
+    ``start`` and ``kill`` may alternate (an outage); a restart keeps the port and the store.
+    Each server lives at most ``lifetime_s`` (coreutils ``timeout``), so none outlives a test
+    process that dies without its teardown.
+    """
+
+    def __init__(self, root: Path, port: int | None = None, lifetime_s: int = 900) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.lifetime_s = lifetime_s
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout_s: float = 180) -> float:
+        """Start and wait until it answers; returns the seconds that took."""
+        began = time.monotonic()
+        exe = Path(sys.executable).with_name("mlflow")
+        cmd = ["timeout", "-k", "5", str(self.lifetime_s)]
+        cmd += [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
+        cmd += [
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'server.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--workers",
+            "1",
+        ]
+        self.starts += 1
+        log = self.root / f"server.{self.starts}.log"
+        env = clean_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=self.root,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = began + timeout_s
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return time.monotonic() - began
             except OSError:
                 pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start:\n{(root / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"mlflow server did not start:\n{log.read_text()}")
+            time.sleep(0.25)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the server and the workers it started (SIGKILL: as a crash would)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
         try:
-            proc.wait(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.kill(signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +297,22 @@ runpy.run_path({str(ROOT / "launch.py")!r}, run_name="__main__")  # Hydra finds 
     assert sorted({m.step for m in history}) == [1, 2, 3]
     assert after.data.tags["ffsd.resume_count"] == "1"
     assert after.data.params["trainer.epochs"] == "3"
+
+
+def test_a_store_unreachable_at_start_stops_the_job_with_its_message_alone(tmp_path):
+    closed = free_port()  # bound and closed again: nothing listens there
+    uri = f"http://127.0.0.1:{closed}"
+    run_dir = tmp_path / "run"
+    res = run_launch(
+        *TINY,
+        f"logger.tracking_uri={uri}",
+        "logger.connect_timeout_s=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env=clean_env(),
+    )
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert f"TrackingError: MLflow tracking store {uri} is not reachable" in res.stderr
+    assert "Nothing was trained" in res.stderr and "logger=none" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert not (run_dir / "checkpoints").exists()

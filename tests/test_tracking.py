@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
+from hydra.utils import instantiate
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 from omegaconf import OmegaConf
@@ -20,15 +23,20 @@ from omegaconf import OmegaConf
 from ffsd.config import ConfigError
 from ffsd.tasks import train as train_task
 from ffsd.tracking.mlflow_tracker import (
+    HTTP_SETTINGS,
     OVERFLOW_ARTIFACT,
     MLflowTracker,
     TrackingError,
     artifact_location,
+    bound_http_calls,
+    describe_records,
     flatten_config,
     get_or_create_experiment,
+    refused,
     resolve_tracking_uri,
     split_params,
 )
+from ffsd.tracking.sender import Record, Sender
 
 from .conftest import TINY_RUN, make_cfg
 
@@ -114,6 +122,110 @@ def test_store_location(tmp_path):
 def test_logger_config_values_are_checked():
     with pytest.raises(ConfigError, match=r"logger\.on_missing_run='maybe'.*error, new"):
         MLflowTracker(on_missing_run="maybe")
+    for bad in (-1, "soon", True, float("inf")):
+        with pytest.raises(ConfigError, match=r"logger\.flush_timeout_s=.*non-negative number"):
+            MLflowTracker(flush_timeout_s=bad)
+    with pytest.raises(ConfigError, match=r"logger\.connect_timeout_s=0 must be a positive"):
+        MLflowTracker(connect_timeout_s=0)
+    assert instantiate(make_cfg().logger).flush_timeout_s == 60
+    assert MLflowTracker(flush_timeout_s=0).flush_timeout_s == 0
+
+
+def test_one_http_call_is_bounded_unless_the_environment_says_otherwise(monkeypatch):
+    for key in HTTP_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    bound_http_calls("sqlite:///x.db")
+    assert not [k for k in HTTP_SETTINGS if k in os.environ]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    bound_http_calls("http://127.0.0.1:5000")
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"  # the user's choice is kept
+    retries = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    assert os.environ[retries] == HTTP_SETTINGS[retries]
+
+
+# -- the background sender -------------------------------------------------------------------
+def test_the_sender_keeps_order_retries_and_never_blocks_the_caller():
+    hung, sent, failures = threading.Event(), [], {"left": 2}
+
+    def record(i: int) -> Record:
+        def send() -> None:
+            if i == 0:
+                hung.wait(10)  # a store that does not answer
+            if i == 1 and failures["left"]:
+                failures["left"] -= 1
+                raise ConnectionError("refused")
+            sent.append(i)
+
+        return Record(f"record {i}", send)
+
+    sender = Sender("test://store", retry_first_s=0.01, retry_max_s=0.05)
+    began = time.monotonic()
+    for i in range(5):
+        sender.submit(record(i))
+    assert time.monotonic() - began < 0.5, "submitting waited on the store"
+    assert [r.what for r in sender.pending()] == [f"record {i}" for i in range(5)]
+    hung.set()
+    assert sender.close(10) == []
+    assert sent == [0, 1, 2, 3, 4] and sender.failures == 2 and sender.sent == 5
+
+
+def test_closing_waits_at_most_its_timeout_and_returns_what_is_left(caplog):
+    def down() -> None:
+        raise ConnectionError("connection refused")
+
+    sender = Sender("test://down", retry_first_s=5.0, retry_max_s=30.0)
+    with caplog.at_level(logging.WARNING, logger="ffsd"):
+        for step in (2, 3):
+            sender.submit(Record(f"metrics of step {step}", down, kind="metrics", step=step))
+        began = time.monotonic()
+        left = sender.close(0.5)
+        elapsed = time.monotonic() - began
+    assert 0.4 < elapsed < 3, elapsed
+    assert [r.step for r in left] == [2, 3] and sender.failures >= 1
+    assert caplog.text.count("failed to record") == 1, "one warning per outage"
+    assert "test://down" in caplog.text and "retried in the background" in caplog.text
+
+
+def test_a_refused_record_is_set_aside_and_the_others_go_on():
+    sent = []
+
+    def refuse() -> None:
+        raise RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad value"})
+
+    def transient() -> None:
+        raise MlflowException("connection refused")  # INTERNAL_ERROR: worth another try
+
+    assert refused(_raised(refuse)) and not refused(_raised(transient))
+    sender = Sender("test://store", retry_first_s=0.01, permanent=refused)
+    sender.submit(Record("bad", refuse))
+    sender.submit(Record("good", lambda: sent.append("good")))
+    assert [r.what for r in sender.close(5)] == ["bad"] and sent == ["good"]
+
+
+def _raised(fn) -> Exception:
+    try:
+        fn()
+    except Exception as err:
+        return err
+    raise AssertionError("did not raise")
+
+
+def test_what_was_not_sent_is_named():
+    def nothing() -> None:
+        pass
+
+    left = [
+        *(Record(f"metrics of step {e}", nothing, kind="metrics", step=e) for e in (2, 3, 4, 6)),
+        Record("the summary metrics", nothing, kind="summary", step=0),
+        Record("artifact /r/metrics.jsonl", nothing, kind="artifact"),
+        Record("artifact /r/summary.json", nothing, kind="artifact"),
+        Record("the run's status (FINISHED)", nothing, kind="status"),
+    ]
+    assert describe_records(left) == (
+        "the metrics of epochs 2-4, 6, the summary metrics, 2 artifacts (metrics.jsonl, "
+        "summary.json), the run's status (FINISHED)"
+    )
+    assert describe_records(left[:1]) == "the metrics of epoch 2"
 
 
 # -- the experiment is created once, even when jobs race for it ------------------------------
@@ -181,8 +293,9 @@ def test_unreachable_server_stops_before_any_training(tmp_path):
 def test_store_failures_mid_run_never_stop_training_nor_lose_metrics(
     tmp_path, mlflow_store, monkeypatch, caplog
 ):
-    """Epoch 1's metrics fail once (sent with epoch 2's); then the store stays down to the end:
-    training finishes anyway, and relaunching the same command sends what is missing."""
+    """Epoch 1's metrics fail once (the sender retries them); then the store stays down to the
+    end: training finishes anyway, within flush_timeout_s, naming what it could not send; the
+    same command, relaunched, sends it."""
     run_dir = tmp_path / "run"
     real = MlflowClient.log_batch
     calls = {"metrics": 0, "down": True}
@@ -197,11 +310,17 @@ def test_store_failures_mid_run_never_stop_training_nor_lose_metrics(
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
     overrides = (*TINY, f"trainer.output_dir={run_dir}", "trainer.epochs=2")
     with caplog.at_level(logging.WARNING, logger="ffsd"):
-        train_task.run(make_cfg(*overrides))
-    assert "retried later" in caplog.text and "relaunch the same command" in caplog.text
+        train_task.run(make_cfg(*overrides, "logger.flush_timeout_s=2"))
+    assert "retried in the background" in caplog.text
+    assert (
+        "not sent: the metrics of epoch 2, the summary metrics, 3 artifacts (metrics.jsonl, "
+        "summary.json, model_leader_best.pth), the run's status (FINISHED)"
+    ) in caplog.text
+    assert "relaunch the same command" in caplog.text
     client, runs = runs_of(mlflow_store, run_dir)
     assert len(runs) == 1 and steps(client, runs[0].info.run_id) == [1]
     assert "best/leader/top1" not in runs[0].data.metrics
+    assert runs[0].info.status == "RUNNING", "its status was queued behind the metrics"
     calls["down"] = False  # the store is back: the same command resumes (nothing to train)
     train_task.run(make_cfg(*overrides))
     client, runs = runs_of(mlflow_store, run_dir)

@@ -1,15 +1,16 @@
 """Experiment tracking: where a run's parameters, metrics and files are recorded.
 
 Owns the tracker interface the engine calls (:mod:`~ffsd.tracking.base`: :class:`Tracker`,
-:class:`NullTracker`), the MLflow implementation (:mod:`~ffsd.tracking.mlflow_tracker`) and
-the provenance a run records (:mod:`~ffsd.tracking.provenance`: git state, packages, host,
-overrides).
+:class:`NullTracker`, :class:`TrackingError`), the MLflow implementation
+(:mod:`~ffsd.tracking.mlflow_tracker`), the background thread that sends its records so that
+training never waits on the store (:mod:`~ffsd.tracking.sender`) and the provenance a run
+records (:mod:`~ffsd.tracking.provenance`: git state, packages, host, overrides).
 
 May import: :mod:`ffsd.config` only. Never the training run, the methods or the tasks, so the
 engine can depend on the interface without pulling MLflow in (this ``__init__`` imports only
 :mod:`~ffsd.tracking.base`).
 """
 
-from ffsd.tracking.base import NullTracker, Tracker
+from ffsd.tracking.base import NullTracker, Tracker, TrackingError
 
-__all__ = ["NullTracker", "Tracker"]
+__all__ = ["NullTracker", "Tracker", "TrackingError"]

@@ -18,6 +18,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before any training, with the ways out."""
+
+
 class Tracker:
     """Base class and no-op implementation of every hook."""
 

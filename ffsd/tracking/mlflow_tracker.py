@@ -27,20 +27,30 @@ Resuming: the engine passes the run id saved in ``checkpoints/last.pt``; the sam
 reopened, never a new one, and any epoch in ``metrics.jsonl`` that the store lacks is sent.
 
 Failures: an unreachable store stops the job in :meth:`MLflowTracker.start`, before the first
-epoch, with the URI and the ways out. After that, tracking never stops training: a call that
-fails is kept and retried before the next one and at the end; whatever is still unsent when the
-job ends is in ``metrics.jsonl``/``summary.json`` and is sent when the job is relaunched.
+epoch, with the URI and the ways out (:class:`~ffsd.tracking.base.TrackingError`). After that,
+tracking never stops nor slows training: every record after ``start`` goes through a
+:class:`~ffsd.tracking.sender.Sender`, whose thread sends them in order and retries a failing one
+until the store takes it. ``finish`` waits at most ``logger.flush_timeout_s`` for that queue;
+what is still unsent is in ``metrics.jsonl``/``summary.json``/``checkpoints/``, is named in a
+warning, and is sent when the job is relaunched (it resumes, trains nothing more, re-sends every
+epoch the store lacks, the summary, the artifacts and the run's status).
+
+One HTTP call must not hold the sender for minutes either: unless already set in the
+environment, :data:`HTTP_SETTINGS` replaces MLflow's defaults (7 retries with exponential
+backoff, 120 s per answer) for this process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -61,7 +71,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ffsd.config import ConfigError
 from ffsd.tracking import provenance
-from ffsd.tracking.base import Tracker
+from ffsd.tracking.base import Tracker, TrackingError
+from ffsd.tracking.sender import Record, Sender
 
 log = logging.getLogger("ffsd")
 
@@ -70,9 +81,18 @@ OVERFLOW_ARTIFACT = "config/params_overflow.yaml"
 #: In each run directory: the store, experiment and run id the job logged to, as resolved then.
 RUN_RECORD = "mlflow_run.json"
 
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; raised before any training."""
+#: MLflow's HTTP client settings for this process (unless the environment sets them): one call to
+#: a server that is down fails within seconds (2 retries, 0-2.5 s apart) instead of minutes of
+#: backoff, and waits at most 30 s for an answer (a hung server, a large upload). The sender
+#: retries on its own, for as long as the job lives.
+HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+#: The sender's delay between tries of a failing record: doubling from the first to the last.
+RETRY_DELAYS_S = (1.0, 30.0)
 
 
 # -- where runs go ---------------------------------------------------------------------------
@@ -120,6 +140,21 @@ def unreachable(uri: str, reason: object, what: str = "is not reachable") -> Tra
         "logger.tracking_uri (or MLFLOW_TRACKING_URI) at a reachable one, leave both unset to "
         "use the local SQLite store outputs/mlflow.db, or turn tracking off with logger=none."
     )
+
+
+def bound_http_calls(uri: str) -> None:
+    """Apply :data:`HTTP_SETTINGS` for a server URI, keeping any value the environment sets."""
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_SETTINGS.items():
+            os.environ.setdefault(key, value)
+
+
+def refused(err: Exception) -> bool:
+    """The store answered no (HTTP 4xx but a timeout or rate limit): trying again cannot help."""
+    if not isinstance(err, MlflowException):
+        return False
+    code = err.get_http_status_code()
+    return 400 <= code < 500 and code not in (408, 429)
 
 
 def check_reachable(uri: str, timeout_s: float) -> None:
@@ -216,6 +251,38 @@ def _fit_tag(value: str, artifact: str) -> str:
     return f"<{len(value)} characters: see artifact {artifact}>"
 
 
+def _is_seconds(value: Any, positive: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value > 0 if positive else value >= 0
+
+
+def _spans(steps: Iterable[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
+    runs: list[list[int]] = []
+    for step in sorted(set(steps)):
+        if runs and runs[-1][1] == step - 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def describe_records(records: list[Record]) -> str:
+    """What ``records`` hold, for a person: ``metrics of epochs 2-6, 3 artifacts (...), ...``."""
+    parts: list[str] = []
+    epochs = [r.step for r in records if r.kind == "metrics" and r.step is not None]
+    if epochs:
+        parts.append(f"the metrics of epoch{'s' if len(set(epochs)) > 1 else ''} {_spans(epochs)}")
+    parts += [r.what for r in records if r.kind == "summary"]
+    artifacts = [r.what.removeprefix("artifact ") for r in records if r.kind == "artifact"]
+    if artifacts:
+        names = ", ".join(Path(a).name for a in artifacts)
+        parts.append(f"{len(artifacts)} artifact{'s' if len(artifacts) > 1 else ''} ({names})")
+    parts += [r.what for r in records if r.kind not in ("metrics", "summary", "artifact")]
+    return ", ".join(parts)
+
+
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -234,12 +301,19 @@ class MLflowTracker(Tracker):
         log_checkpoint: bool = True,
         connect_timeout_s: float = 10.0,
         on_missing_run: str = "error",
+        flush_timeout_s: float = 60.0,
     ) -> None:
         if on_missing_run not in ON_MISSING_RUN:
             raise ConfigError(
                 f"logger.on_missing_run={on_missing_run!r} is not valid; choose one of: "
                 f"{', '.join(ON_MISSING_RUN)}"
             )
+        for key, value, least in (
+            ("connect_timeout_s", connect_timeout_s, "a positive"),
+            ("flush_timeout_s", flush_timeout_s, "a non-negative"),
+        ):
+            if not _is_seconds(value, positive=least == "a positive"):
+                raise ConfigError(f"logger.{key}={value!r} must be {least} number of seconds")
         if experiment_name is not None and not str(experiment_name).strip():
             raise ConfigError(
                 f"logger.experiment_name={experiment_name!r} must be a non-empty name or null"
@@ -251,19 +325,21 @@ class MLflowTracker(Tracker):
         self.log_checkpoint = bool(log_checkpoint)
         self.connect_timeout_s = float(connect_timeout_s)
         self.on_missing_run = on_missing_run
+        self.flush_timeout_s = float(flush_timeout_s)
         self.run_id: str | None = None
         self.uri: str | None = None
         self.experiment: str | None = None
         self.client: MlflowClient | None = None
         self.run_dir: Path | None = None
         self.job: provenance.HydraJob | None = None
-        self._pending: list[tuple[str, Callable[[], None]]] = []
+        self._sender: Sender | None = None
 
     # -- set-up, in the launching process and in the job ------------------------------------
     def _connect(self, cfg: DictConfig) -> MlflowClient:
         self.job = job = provenance.hydra_job(cfg)
         self.uri = resolve_tracking_uri(self.tracking_uri, self.store, job.launch_dir)
         self.experiment = str(self.experiment_name or default_experiment_name(cfg, job.preset))
+        bound_http_calls(self.uri)
         check_reachable(self.uri, self.connect_timeout_s)
         return MlflowClient(tracking_uri=self.uri)
 
@@ -288,6 +364,7 @@ class MLflowTracker(Tracker):
 
     def start(self, cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None) -> None:
         self.client = client = self._connect(cfg)
+        self._sender = Sender(self.uri, *RETRY_DELAYS_S, permanent=refused)
         self.run_dir = Path(run_dir)
         job = self.job
         flat = flatten_config(cfg)
@@ -315,10 +392,10 @@ class MLflowTracker(Tracker):
             if resumed:
                 self._backfill(client)
         except MlflowException as err:
+            self._sender.close(0)
             if self.run_id is not None:
                 self._terminate("FAILED")
             raise unreachable(self.uri, err, "failed before training") from err
-        self._flush()
         self._record_location()
         log.info("tracking: %s", self.describe())
 
@@ -432,29 +509,16 @@ class MLflowTracker(Tracker):
             log.info("sent %d earlier epochs from %s to MLflow", len(missing), path)
 
     # -- during the run ---------------------------------------------------------------------
-    def _submit(self, what: str, fn: Callable[[], None]) -> None:
-        self._pending.append((what, fn))
-        self._flush()
-
-    def _flush(self) -> bool:
-        """Send what is pending, in order; on a failure keep it (and what follows) for later."""
-        while self._pending:
-            what, fn = self._pending[0]
-            try:
-                fn()
-            except Exception as err:  # any failure of the store must not stop training
-                log.warning(
-                    "MLflow (%s) failed to record %s; %d item(s) kept, retried later: %s",
-                    self.uri,
-                    what,
-                    len(self._pending),
-                    err,
-                )
-                return False
-            self._pending.pop(0)
-        return True
+    def _submit(self, record: Record) -> None:
+        if self._sender is None:
+            raise RuntimeError("MLflowTracker.start must be called before logging")
+        self._sender.submit(record)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._log_metrics(metrics, step, "metrics", f"metrics of step {step}")
+
+    def _log_metrics(self, metrics: dict[str, float], step: int, kind: str, what: str) -> None:
+        # Stamped now, not when the sender gets through: the store shows when the epoch ended.
         stamp = int(time.time() * 1000)
         items = [Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()]
         client, run_id = self.client, self.run_id
@@ -463,19 +527,23 @@ class MLflowTracker(Tracker):
             for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
                 client.log_batch(run_id, metrics=chunk)
 
-        self._submit(f"metrics of step {step}", send)
+        self._submit(Record(what, send, kind=kind, step=int(step)))
 
     def log_summary(self, metrics: dict[str, float]) -> None:
-        self.log_metrics(metrics, step=0)
+        self._log_metrics(metrics, 0, "summary", "the summary metrics")
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         client, run_id = self.client, self.run_id
         self._submit(
-            f"artifact {path}", lambda: client.log_artifact(run_id, str(path), artifact_path)
+            Record(
+                f"artifact {path}",
+                lambda: client.log_artifact(run_id, str(path), artifact_path),
+                kind="artifact",
+            )
         )
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.client is None or self.run_id is None:
+        if self.client is None or self.run_id is None or self._sender is None:
             return
         run_dir, job = self.run_dir, self.job
         log_file = None
@@ -490,16 +558,28 @@ class MLflowTracker(Tracker):
         ):
             if path is not None and path.is_file():
                 self.log_artifact(path, dest)
-        if not self._flush():
-            log.error(
-                "%d MLflow record(s) of run %s could not be sent to %s. Every epoch is in %s; "
-                "relaunch the same command (trainer.resume=auto) to send what is missing.",
-                len(self._pending),
-                self.run_id,
+        client, run_id = self.client, self.run_id
+        self._submit(
+            Record(
+                f"the run's status ({status})",
+                lambda: client.set_terminated(run_id, status),
+                kind="status",
+            )
+        )
+        unsent = self._sender.close(self.flush_timeout_s)
+        if unsent:
+            log.warning(
+                "MLflow (%s) did not take all of run %s within logger.flush_timeout_s=%g s; "
+                "not sent: %s. Nothing is lost: every epoch is in %s, the summary in "
+                "summary.json. Once the store answers, relaunch the same command "
+                "(trainer.resume=auto, the default): it trains nothing more and sends what is "
+                "missing.",
                 self.uri,
+                self.run_id,
+                self.flush_timeout_s,
+                describe_records(unsent),
                 run_dir / "metrics.jsonl",
             )
-        self._terminate(status)
 
     def _terminate(self, status: str) -> None:
         try:
