@@ -8,11 +8,15 @@ Examples::
     python launch.py task=eval checkpoint=outputs/DATE/TIME/checkpoints/last.pt model=resnet32
     python launch.py task=export checkpoint=modelleader_best.pth model=resnet32
 
-An invalid config, missing data or an unusable checkpoint stops the run with exit status 1 and
-its message alone (no traceback; ``HYDRA_FULL_ERROR=1`` shows it); other errors keep theirs.
+An invalid config, missing data, an unusable checkpoint, a diverged run (NaN losses) or a file
+that cannot be written (full disk) stops the run with exit status 1 and its message alone (no
+traceback; ``HYDRA_FULL_ERROR=1`` shows it); other errors keep theirs. Ctrl-C exits with status
+130 after the engine's one line saying where it saved.
 """
 
 from __future__ import annotations
+
+import sys
 
 import hydra
 from hydra.errors import CompactHydraException
@@ -22,10 +26,21 @@ from omegaconf import DictConfig
 from ffsd.config import ConfigError
 from ffsd.data.base import DataNotFoundError
 from ffsd.tasks.export import ExportError
-from ffsd.training.checkpoint import CheckpointError
+from ffsd.tracking import TrackingError
+from ffsd.training.checkpoint import CheckpointError, OutputWriteError
+from ffsd.training.engine import TrainingDiverged
+from ffsd.training.preemption import Interrupted
 
 #: Errors whose message says everything a user needs to fix the command.
-USER_ERRORS = (ConfigError, CheckpointError, DataNotFoundError, ExportError)
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    DataNotFoundError,
+    ExportError,
+    TrackingError,
+    TrainingDiverged,
+    OutputWriteError,
+)
 
 
 class UsageError(CompactHydraException):
@@ -40,6 +55,13 @@ def main(cfg: DictConfig) -> float | None:
         return task(cfg)
     except USER_ERRORS as err:
         raise UsageError(f"{type(err).__name__}: {err}") from err
+    except Interrupted:
+        raise SystemExit(130) from None  # the engine has logged where it saved
+    except KeyboardInterrupt:
+        # Ctrl-C before training (or during the final summary): nothing to save, and the
+        # traceback would only show where Python happened to be.
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

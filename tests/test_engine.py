@@ -24,7 +24,7 @@ TINY = (
     "trainer.batch_size=16",
     "trainer.test_batch_size=16",
     "trainer.progress=false",
-    "schedule.milestones=[2]",
+    "schedule.milestones=[1]",
 )
 
 
@@ -153,6 +153,7 @@ def test_launch_trains_on_tiny_cifar100_through_the_real_loader(tmp_path):
             f"dataset.root={data}",
             "dataset.loader.num_workers=1",
             "trainer.epochs=1",
+            "schedule.milestones=[1]",
             "trainer.batch_size=16",
             "trainer.progress=false",
             f"hydra.run.dir={run_dir}",

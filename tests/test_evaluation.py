@@ -27,7 +27,7 @@ TINY_TRAIN = (
     "trainer.batch_size=16",
     "trainer.test_batch_size=16",
     "trainer.progress=false",
-    "schedule.milestones=[2]",
+    "schedule.milestones=[1]",
 )
 
 

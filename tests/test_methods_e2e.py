@@ -439,14 +439,14 @@ def test_method_sweep_report_equals_the_logged_metrics_and_summaries(tmp_path):
         record = json.loads((job / "mlflow_run.json").read_text())
         assert record["tracking_uri"] == uri and record["experiment"] == "ffsd/methods"
         jobs[method] = (record["run_id"], json.loads((job / "summary.json").read_text()))
-    assert sorted(jobs) == sorted(["ffsd", *METHODS])
+    assert sorted(jobs) == sorted(["ffsd", "one", *METHODS])
 
     out = tmp_path / "report"
     assert report.main([str(sweep), "--out", str(out)]) == 0  # python -m ffsd.report
     md = (out / "report.md").read_text()
     assert "| method | deploy best | deploy final | ensemble best | runs |" in md
     rows = table_rows(md)
-    assert list(rows) == ["ffsd", "dml", "independent", "kdcl"]  # FFSD first, then by name
+    assert list(rows) == ["ffsd", "dml", "independent", "kdcl", "one"]  # FFSD first, then by name
     client = MlflowClient(uri)
     for method, (run_id, summary) in jobs.items():
         run = client.get_run(run_id)
@@ -459,7 +459,10 @@ def test_method_sweep_report_equals_the_logged_metrics_and_summaries(tmp_path):
             values.append(f"{logged[metric]:.2f}")  # one seed: the value itself
         assert rows[method] == [*values, "1"], method
         # FFSD picks its best epoch by the leader, which is its deploy network
-        primary, deploy = ("leader/top1", "leader") if method == "ffsd" else ("deploy/top1", "net0")
+        primary, deploy = {
+            "ffsd": ("leader/top1", "leader"),
+            "one": ("deploy/top1", "branch0"),
+        }.get(method, ("deploy/top1", "net0"))
         assert summary["primary_metric"] == primary
         # the tracker uploads the method's own best deploy file
         uploaded = {a.path for a in client.list_artifacts(run_id, "checkpoints")}

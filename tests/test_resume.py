@@ -35,7 +35,7 @@ TINY = (
     "trainer.epochs=2",
     "trainer.device=cpu",
     "trainer.threads=1",
-    "schedule.milestones=[2]",
+    "schedule.milestones=[1]",
 )
 BATCHES = 16
 
@@ -319,15 +319,20 @@ def test_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeyp
 
 
 def test_dataloader_workers_leave_job_signals_to_the_main_process(monkeypatch):
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)}
     try:
-        monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
-        quiet_worker(0)
-        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) is saved[signal.SIGTERM]  # not a submitit job
-        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-        quiet_worker(0)
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        # The main process saves on SIGTERM and Ctrl-C (or, under submitit, ignores SIGTERM);
+        # systemd and the terminal signal the workers too.
+        for executor in (None, "slurm"):
+            if executor:
+                monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)
+            else:
+                monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+            for s in saved:
+                signal.signal(s, saved[s])
+            quiet_worker(0)
+            for s in saved:
+                assert signal.getsignal(s) is signal.SIG_IGN, (executor, s)
     finally:
         for s, h in saved.items():
             signal.signal(s, h)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ffsd.data.build import build_data
 from ffsd.methods.build import instantiate_method
-from ffsd.tasks.validation import validate
+from ffsd.tasks.validation import validate, validate_data
 from ffsd.tracking.base import NullTracker
 from ffsd.training import distributed
 from ffsd.training.acceleration import compile_forward, set_numerics
@@ -32,6 +32,7 @@ def build_trainer(cfg: DictConfig, ctx: DistContext) -> Trainer:
     set_threads(threads)
     malloc = tune_host_malloc(**cfg.trainer.host_malloc)
     data = build_data(cfg)
+    validate_data(cfg, data, ctx.world_size)
     seed_everything(int(cfg.trainer.seed))
     method = instantiate_method(cfg, data.num_classes, ctx.device)
     applied = set_numerics(
@@ -47,6 +48,7 @@ def build_trainer(cfg: DictConfig, ctx: DistContext) -> Trainer:
     run_dir = distributed.shared_run_dir(ctx, Path(cfg.trainer.output_dir), hydra_dir)
     log.info("run directory: %s", run_dir)
     log.info("%s on %s; %s", cfg.model.name, ctx.device, data.describe())
+    log.info("%s: %s", type(method).__name__, method.describe())
     log.info("speed options: %s", ", ".join(applied) if applied else "none (eager fp32)")
     log.info(
         "host malloc: %s",

@@ -8,10 +8,18 @@ failures are reported together. It sits in the task layer because it knows every
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ffsd.config import Checker, ConfigError, models_for_size
+from ffsd.data.base import DataModule
 from ffsd.data.tensor_pipeline import PAD_MODES
 from ffsd.training.preemption import parse_signal
 from ffsd.training.runtime import MALLOPT_MAX_MB
@@ -107,5 +115,160 @@ def validate(cfg: DictConfig) -> None:
             f"{', '.join(fits) if fits else 'none'}"
         )
 
+    _check_runtime(c)
+    _check_optimizers(c)
+    _check_schedule(c)
+
     if c.errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(c.errors))
+
+
+def _positive_number(value: Any) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _check_runtime(c: Checker) -> None:
+    """Threads, the GPU, the output directory, resume and stop-signal options."""
+    if c.get("trainer.threads") is not None:
+        c.number("trainer.threads", integer=True, low=1)
+    device = c.get("trainer.device")
+    if isinstance(device, str) and device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = device.partition(":")[2]
+        if count == 0:
+            c.errors.append(
+                f"trainer.device={device!r} but this machine has no usable CUDA GPU "
+                "(torch.cuda.is_available() is False); choose: cpu, or auto (CUDA when there "
+                "is one)"
+            )
+        elif index and (not index.isdigit() or int(index) >= count):
+            c.errors.append(
+                f"trainer.device={device!r} is not a GPU of this machine; choose cuda or "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    c.choice("trainer.resume_changes", ("refuse", "allow"))
+    signals = c.get("trainer.stop_signals")
+    if signals is not None:
+        names = list(signals) if OmegaConf.is_list(signals) else [signals]
+        for name in names:
+            try:
+                parse_signal(name)
+            except ValueError as err:
+                c.errors.append(
+                    f"trainer.stop_signals={names!r}: {name!r} is not valid ({err}); give a "
+                    "list of signal names such as [TERM, INT], or [] to turn it off"
+                )
+    try:
+        out = c.get("trainer.output_dir")
+    except Exception:  # ${hydra:...} outside a Hydra job: nothing to check yet
+        out = None
+    if isinstance(out, str) and out:
+        problem = _unwritable(Path(out))
+        if problem:
+            c.errors.append(
+                f"trainer.output_dir={out!r} cannot be written: {problem}; choose a directory "
+                "you can write to"
+            )
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be created or written, from its nearest existing ancestor."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
+def _check_optimizers(c: Checker) -> None:
+    """Every optimizer's learning rate, momentum and weight decay."""
+    optim = c.get("optim")
+    if not isinstance(optim, DictConfig):
+        return
+    for name in optim:
+        key = f"optim.{name}"
+        lr = c.get(f"{key}.lr")
+        if not _positive_number(lr):
+            c.errors.append(f"{key}.lr={lr!r} is not allowed: must be a number > 0")
+        for option in ("momentum", "weight_decay"):
+            value = c.get(f"{key}.{option}")
+            if value is None:
+                continue
+            if (
+                not isinstance(value, numbers.Real)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                c.errors.append(f"{key}.{option}={value!r} is not allowed: must be a number >= 0")
+
+
+def _check_schedule(c: Checker) -> None:
+    """Milestones inside the run and increasing, a positive gamma, a warm-up within the run."""
+    epochs = c.get("trainer.epochs")
+    epochs = epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+    node = c.get("schedule")
+    if not isinstance(node, DictConfig):
+        return
+    if "milestones" in node:
+        ms = c.get("schedule.milestones")
+        shown = OmegaConf.to_container(ms) if OmegaConf.is_list(ms) else ms
+        if not OmegaConf.is_list(ms) or not all(
+            isinstance(m, int) and not isinstance(m, bool) for m in ms
+        ):
+            c.errors.append(f"schedule.milestones={shown!r} must be a list of integers")
+        elif any(b <= a for a, b in zip(ms, list(ms)[1:], strict=False)):
+            c.errors.append(
+                f"schedule.milestones={shown!r} is not allowed: must be strictly increasing"
+            )
+        elif any(m < 1 for m in ms) or (epochs is not None and any(m > epochs for m in ms)):
+            c.errors.append(
+                f"schedule.milestones={shown!r} is not allowed with trainer.epochs={epochs}: "
+                f"each must be between 1 and {epochs} (milestone m lowers the rate from epoch "
+                "m + 1 on; one beyond the run never applies)"
+            )
+    if "gamma" in node:
+        gamma = c.get("schedule.gamma")
+        if not _positive_number(gamma):
+            c.errors.append(f"schedule.gamma={gamma!r} is not allowed: must be a number > 0")
+    if "min_factor" in node:
+        c.number("schedule.min_factor", low=0)
+    if "epochs" in node:
+        c.number("schedule.epochs", integer=True, low=1)
+    if "warmup_epochs" in node:
+        warm = c.get("schedule.warmup_epochs")
+        if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
+            c.errors.append(
+                f"schedule.warmup_epochs={warm!r} is not allowed: must be an integer >= 0"
+            )
+        elif epochs is not None and warm > epochs:
+            c.errors.append(
+                f"schedule.warmup_epochs={warm} is not allowed with trainer.epochs={epochs}: "
+                f"the warm-up must fit in the run (at most {epochs})"
+            )
+
+
+def validate_data(cfg: DictConfig, data: DataModule, world_size: int = 1) -> None:
+    """Checks that need the built data module (its size is known only then); cheap.
+
+    A batch larger than a process's share of the training set would make every epoch one short
+    batch, silently.
+    """
+    n = len(data.train_set)
+    share = -(-n // max(int(world_size), 1))
+    batch = int(cfg.trainer.batch_size)
+    if batch > share:
+        per = f", {share} per process over {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(
+            "invalid configuration:\n  - "
+            f"trainer.batch_size={batch} is larger than the training set (dataset="
+            f"{data.name}: {n} images{per}); choose at most {share}"
+        )

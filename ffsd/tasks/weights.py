@@ -90,8 +90,7 @@ class NetworkCheckpoint:
             "num_classes": self.num_classes,
             "epoch": self.epoch,
             "recorded_model": self.recorded_model,
-            "run_networks": list(self.run_networks),
-        }
+        } | ({"run_networks": list(self.run_networks)} if self.run_networks else {})
 
     def describe(self) -> str:
         """A few lines saying what the file is and what was inferred from it."""

@@ -1,8 +1,9 @@
 """The training run: the engine and what keeps a run going.
 
 Owns the epoch/step loop (:mod:`~ffsd.training.engine`), the process group and data-parallel
-wrapping (:mod:`~ffsd.training.distributed`), preemption and requeue
-(:mod:`~ffsd.training.preemption`), run-state files (:mod:`~ffsd.training.checkpoint`), the
+wrapping (:mod:`~ffsd.training.distributed`), preemption, stop signals and requeue
+(:mod:`~ffsd.training.preemption`), run-state files and resume checks
+(:mod:`~ffsd.training.checkpoint`), the
 process runtime (device, threads, seeds, RNG state, host allocator:
 :mod:`~ffsd.training.runtime`) and speed options (:mod:`~ffsd.training.acceleration`).
 

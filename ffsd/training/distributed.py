@@ -91,6 +91,14 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def max_values(self, values: list[float]) -> list[float]:
+        """Each value's maximum over all ranks, on every rank (one all-reduce for the list)."""
+        if not self.enabled:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -27,15 +27,25 @@ sums and RNG states. With ``num_workers=0`` the augmentations draw from the proc
 the rest of the epoch replays exactly (``tests/test_resume.py``). With worker processes, the sample
 order is still exact but the workers' random streams restart at the resume point, so the rest of
 that one epoch sees different augmentations; resumes at an epoch end are exact either way (workers
-are seeded from (seed, epoch, rank))."""
+are seeded from (seed, epoch, rank)).
+
+Divergence: the terms read every ``log_every`` steps are checked for NaN and infinities there (a
+non-finite step makes its running sums non-finite, so nothing is missed between reads), and so
+are the test metrics and, before it is saved as the best, the deploy network's weights; the run
+then stops with :class:`TrainingDiverged`. With several processes the ranks decide together, in
+the all-reduce that also carries the stop signals. A resume compares the stored config with this
+one (``ffsd.training.checkpoint.config_changes``) and refuses changes that alter the run unless
+``trainer.resume_changes=allow``."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -46,10 +56,34 @@ from ffsd.methods.base import OnlineMethod
 from ffsd.tracking.base import NullTracker, Tracker
 from ffsd.training import checkpoint as ckpt
 from ffsd.training.distributed import SINGLE, DistContext
-from ffsd.training.preemption import PreemptionGuard, parse_signal
+from ffsd.training.preemption import Interrupted, PreemptionGuard, stop_signals
 from ffsd.training.runtime import rng_state, set_rng_state
 
 log = logging.getLogger("ffsd")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term or a test metric became NaN or infinite; the message says where and why."""
+
+
+def first_nonfinite(values: dict[str, float]) -> str | None:
+    """The first key whose value is NaN or infinite, in the dict's order."""
+    return next((k for k, v in values.items() if not math.isfinite(v)), None)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None: JSON has no token for them (``NaN`` is not JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
 class DeviceMeans:
@@ -134,7 +168,12 @@ class Trainer:
         self.start_epoch = 1
         #: Position inside ``start_epoch`` to continue from (a mid-epoch checkpoint), or None.
         self.resume_position: dict[str, Any] | None = None
-        self.guard = PreemptionGuard(parse_signal(self.t.preempt_signal))
+        #: Config changes that resumes of this run were allowed to make (``resume_changes``).
+        self.resume_changes: list[dict[str, Any]] = []
+        self.guard = PreemptionGuard(
+            stop_signals(self.t.preempt_signal, OmegaConf.select(self.t, "stop_signals") or ())
+        )
+        self._finished = False
 
     # -- identity of a run, to refuse resuming from another one -----------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -171,10 +210,22 @@ class Trainer:
         else:
             path = Path(mode)
         state = ckpt.load_state(path, self.fingerprint())
+        self._check_changes(path, state)
+        self._check_position(path, state.get("partial"))
+        configured = [
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            for opt in self.method.optimizers().values()
+        ]
         try:
             self.method.load_state_dict(state["method"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise ckpt.CheckpointError(f"{path} does not fit this run: {err}") from err
+        # Optimizer state_dicts carry their hyperparameters (lr, initial_lr, momentum, ...): keep
+        # the momentum buffers but this config's values, or an allowed optim.* change would be
+        # silently undone. Unchanged settings give the same values, so exact resumes stay exact.
+        for opt, groups in zip(self.method.optimizers().values(), configured, strict=True):
+            for group, values in zip(opt.param_groups, groups, strict=True):
+                group.update(values)
         # Each rank continues its own random stream (the fingerprint pins the world size).
         set_rng_state(state.get("rng_ranks", [state["rng"]])[self.dist.rank])
         self.history = list(state["history"])
@@ -196,6 +247,88 @@ class Trainer:
                     partial["batches_done"],
                     partial["batches"],
                 )
+
+    def _check_changes(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a resume whose config changes what the run computes, or log and record it.
+
+        ``trainer.resume_changes=allow`` lets it go ahead; the changes are then logged and kept
+        in the run state's ``resume_changes``. ``trainer.epochs`` alone is the run's length:
+        changing it is allowed (and logged) as long as the run has not gone past the new end;
+        a schedule that depends on it (cosine's ``schedule.epochs``) shows as its own change.
+        """
+        changes = ckpt.config_changes(state.get("config"), self.cfg)
+        partial = state.get("partial")
+        at = int(partial["epoch"]) if partial is not None else int(state["epoch"])
+        length = changes.pop("trainer.epochs", None)
+        if length is not None and int(self.t.epochs) < at:
+            changes["trainer.epochs"] = length  # the run is already past the new end
+        self.resume_changes = list(state.get("resume_changes") or [])
+        where = (
+            f"inside epoch {partial['epoch']}"
+            if partial is not None
+            else f"after epoch {state['epoch']}"
+        )
+        if length is not None and "trainer.epochs" not in changes and self.dist.is_main:
+            length_note = f"trainer.epochs {length[0]} -> {length[1]}: the run now ends there"
+        else:
+            length_note = None
+        if not changes:
+            if length_note:
+                log.info(length_note)
+            return
+        lines = "\n".join(
+            f"  {k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in changes.items()
+        )
+        if str(OmegaConf.select(self.t, "resume_changes", default="refuse")) != "allow":
+            raise ckpt.CheckpointError(
+                f"{path} ({where}) was written with other values of settings that change what "
+                f"the run computes:\n{lines}\nResume with the checkpoint's values, or start a "
+                "new run in another trainer.output_dir. To continue this run with the new values "
+                "anyway, add trainer.resume_changes=allow (the changes are then logged and "
+                "recorded in the run state)."
+            )
+        if self.dist.is_main:
+            log.warning(
+                "resuming %s %s with changed settings (trainer.resume_changes=allow):\n%s",
+                path,
+                where,
+                lines,
+            )
+            if length_note:
+                log.info(length_note)
+        self.resume_changes.append(
+            {
+                "epoch": int(state["epoch"]),
+                "inside_epoch": None if partial is None else int(partial["epoch"]),
+                "changes": changes,
+            }
+        )
+
+    def _check_position(self, path: Path, partial: dict[str, Any] | None) -> None:
+        """A mid-epoch checkpoint's batch position must still fit that epoch's data."""
+        if partial is None:
+            return
+        epoch, done = int(partial["epoch"]), int(partial["batches_done"])
+        batches = len(
+            self.data.train_loader(
+                int(self.t.batch_size),
+                seed=int(self.t.seed),
+                epoch=epoch,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                device=self.method.device,
+                views=self.method.num_views,
+            )
+        )
+        if batches != int(partial["batches"]):
+            raise ckpt.CheckpointError(
+                f"{path} was saved inside epoch {epoch} after batch {done} of "
+                f"{partial['batches']}, but epoch {epoch} of this run has {batches} batches "
+                f"({self.data.describe()}): the position no longer fits the data. Resume with "
+                "the data settings the checkpoint was written with to finish that epoch (a "
+                "change at an epoch end can then be allowed with trainer.resume_changes=allow), "
+                "or start a new run in another trainer.output_dir."
+            )
 
     def save_state(self, epoch: int, partial: dict[str, Any] | None = None) -> None:
         """Write ``last.pt`` after completed epoch ``epoch`` (collective: call on every rank).
@@ -219,6 +352,7 @@ class Trainer:
             "tracking_run_id": self.tracker.run_id,
             "fingerprint": self.fingerprint(),
             "config": OmegaConf.to_yaml(self.cfg, resolve=False),
+            "resume_changes": self.resume_changes,
             "partial": None,
         }
         if self.dist.world_size > 1:
@@ -230,15 +364,80 @@ class Trainer:
         ckpt.atomic_save(state, self.last_path)
 
     # -- preemption --------------------------------------------------------------------------
-    def stop_requested(self, collective: bool = True) -> bool:
-        """Has any rank been sent the preemption signal? Single process: a flag read.
+    def agree(self, collective: bool = True, diverged: bool = False) -> tuple[int, bool]:
+        """(the stop signal a rank received, 0 for none; whether a rank's losses diverged).
 
-        With several processes the ranks must agree (one all-reduce), so this is only asked
-        where ``collective`` is true, on every rank at the same iteration.
+        Single process: flags read as they are. With several processes the ranks must agree
+        (one all-reduce for both), so this is only asked where ``collective`` is true, on every
+        rank at the same iteration; elsewhere the answer is (0, False).
         """
-        if not self.dist.enabled:
-            return self.guard.requested
-        return collective and self.dist.any(self.guard.requested)
+        mine = [float(int(self.guard.received or 0)), float(diverged)]
+        if self.dist.enabled:
+            if not collective:
+                return 0, False
+            mine = self.dist.max_values(mine)
+        return int(mine[0]), mine[1] > 0
+
+    def stop_requested(self, collective: bool = True) -> bool:
+        """Has any rank been sent a stop signal (preemption, SIGTERM, SIGINT)?"""
+        return self.agree(collective)[0] != 0
+
+    def _hand_off(self, sig: int, where: str) -> None:
+        """After the checkpoint ``where`` (a phrase), pass the stop signal on.
+
+        Where that ends the process at once (the default action), the tracked run is closed
+        first (KILLED): no ``finally`` runs after it. Ctrl-C's KeyboardInterrupt comes back as
+        :class:`Interrupted`, which ``launch.py`` ends quietly since this line said it all.
+        """
+        previous = self.guard.handler(sig)
+        default = self.guard.takes_default_action(sig)
+        stops = default or previous is signal.default_int_handler
+        if self.dist.is_main:
+            log.warning(
+                "%s: saved %s %s%s",
+                signal.Signals(sig).name,
+                self.last_path,
+                where,
+                "; stopping (the same command continues the run)" if stops else "",
+            )
+            if default:
+                self._finish("KILLED")
+        try:
+            self.guard.hand_off(sig)
+        except KeyboardInterrupt as err:
+            raise Interrupted(f"saved {self.last_path} {where}") from err
+
+    def _finish(self, status: str) -> None:
+        if not self._finished:
+            self._finished = True
+            self.tracker.finish(status)
+
+    def _diverged(
+        self, epoch: int, first: int, last: int, n_batches: int, term: str | None
+    ) -> NoReturn:
+        """Stop every rank with the epoch, the steps, the first non-finite term and the rates."""
+        terms = self.dist.gather_objects(term)  # every rank is here: they agreed to stop
+        rank, term = next((r, t) for r, t in enumerate(terms) if t is not None)
+        steps = f"step {last}" if last - first <= 1 else f"steps {first + 1}-{last}"
+        on_rank = f" on rank {rank}" if self.dist.world_size > 1 else ""
+        raise TrainingDiverged(
+            f"training diverged in epoch {epoch}, {steps} of {n_batches}{on_rank}: the loss term "
+            f"{term!r} is not finite (the first such term; terms are read every "
+            f"trainer.log_every={self.t.log_every} steps). {self._advice()}"
+        )
+
+    def _advice(self) -> str:
+        rates = ", ".join(f"{k}={v:.4g}" for k, v in self.method.learning_rates().items())
+        kept = (
+            f"{self.last_path} is from before it (resume from it with lower rates and "
+            "trainer.resume_changes=allow, or start over)"
+            if self.last_path.exists()
+            else "no checkpoint was written"
+        )
+        return (
+            f"Learning rates: {rates}. Lower the learning rates (optim.*.lr) or the loss "
+            f"weights; {kept}."
+        )
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -274,13 +473,32 @@ class Trainer:
         )
         start = time.perf_counter() - float(pos.get("seconds", 0.0))
         seen = int(pos.get("seen", 0))
+        last_read = done
         for i, (images, labels) in enumerate(bar, start=done):
             terms = self.method.step(images, labels, epoch)
             n = int(labels.shape[0])
             means.add(terms, n)
             seen += n
             at_log = (i + 1) % int(self.t.log_every) == 0 or i + 1 == n_batches
-            if i + 1 < n_batches and self.stop_requested(collective=at_log):
+            bad = None
+            if at_log:
+                # Every term, not only the bar's: still one read, and a term that is not shown
+                # may be the first to diverge. A NaN or inf step poisons the sums it joins.
+                vals = means.read(since_last=True)
+                bad = first_nonfinite(vals)
+                rate = seen / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(
+                    {k.replace("/", " "): f"{vals[k]:.3g}" for k in shown if k in vals}
+                    | {"img/s": f"{rate * self.dist.world_size:.0f}"},
+                    refresh=False,
+                )
+            sig, diverged = self.agree(collective=at_log, diverged=bad is not None)
+            if diverged:
+                bar.close()
+                self._diverged(epoch, last_read, i + 1, n_batches, bad)
+            if at_log:
+                last_read = i + 1
+            if sig and i + 1 < n_batches:
                 self.save_state(
                     epoch - 1,
                     partial={
@@ -292,24 +510,8 @@ class Trainer:
                         "means": means.state(),
                     },
                 )
-                if self.dist.is_main:
-                    log.warning(
-                        "preemption signal: saved %s inside epoch %d after batch %d of %d",
-                        self.last_path,
-                        epoch,
-                        i + 1,
-                        n_batches,
-                    )
                 self.dist.barrier()
-                self.guard.hand_off()
-            if at_log:
-                vals = means.read(shown, since_last=True)
-                rate = seen / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(
-                    {k.replace("/", " "): f"{v:.3g}" for k, v in vals.items()}
-                    | {"img/s": f"{rate * self.dist.world_size:.0f}"},
-                    refresh=False,
-                )
+                self._hand_off(sig, f"inside epoch {epoch} after batch {i + 1} of {n_batches}")
         out = means.read(reduce=self.dist.all_reduce_sum)
         bar.close()
         # Ranks' BatchNorm statistics drift apart by their last batch: evaluate and checkpoint
@@ -352,21 +554,22 @@ class Trainer:
                     )
                     # The epoch's checkpoint is written: nothing more to save before handing
                     # the signal on. After the last epoch the run just finishes.
-                    if epoch < epochs and self.stop_requested():
-                        self.guard.hand_off()
+                    sig = self.agree()[0] if epoch < epochs else 0
+                    if sig:
+                        self._hand_off(sig, f"after epoch {epoch}")
             status = "FINISHED"
         except (KeyboardInterrupt, SystemExit):
             status = "KILLED"
             raise
         finally:
             if self.dist.is_main and status != "FINISHED":
-                self.tracker.finish(status)
+                self._finish(status)
         summary = self.summary()
         if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            ckpt.atomic_write_text(_dumps(summary, indent=2), self.run_dir / "summary.json")
             print(format_summary(summary))
             self.tracker.log_summary(summary_metrics(summary))
-            self.tracker.finish("FINISHED")
+            self._finish("FINISHED")
         return summary
 
     def run_epoch(self, epoch: int, evaluate: bool = True) -> dict[str, Any]:
@@ -376,8 +579,26 @@ class Trainer:
         record |= self.method.learning_rates()
         if evaluate:
             record |= self.evaluate()
+            bad = first_nonfinite({k: v for k, v in record.items() if k.startswith("test/")})
+            if bad is not None:  # the same on every rank: evaluation counts are all-reduced
+                raise TrainingDiverged(
+                    f"training diverged: after epoch {epoch} the test metric {bad!r} is not "
+                    f"finite, so some network computes NaN or infinite outputs. "
+                    f"{self._advice()}"
+                )
             value = record.get(f"test/{self.best['metric']}")
-            if value is not None and (self.best["value"] is None or value > self.best["value"]):
+            if (
+                value is not None
+                and math.isfinite(value)
+                and (self.best["value"] is None or value > self.best["value"])
+            ):
+                # Accuracy stays finite whatever the weights; a NaN network must still never be
+                # saved as the best one. One check per new best, on every rank (same weights).
+                if not finite_weights(self.method.deploy_model()):
+                    raise TrainingDiverged(
+                        f"training diverged: after epoch {epoch} the {self.method.deploy_name} "
+                        f"network has NaN or infinite weights. {self._advice()}"
+                    )
                 self.best.update(value=value, epoch=epoch)
                 if self.dist.is_main:
                     name = self.method.deploy_name
@@ -403,10 +624,9 @@ class Trainer:
         return record
 
     def _write_history(self) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(path)
+        # Strict JSON (NaN/inf as null): readers such as jq or JSON.parse reject a bare NaN.
+        lines = "".join(_dumps(r) + "\n" for r in self.history)
+        ckpt.atomic_write_text(lines, self.run_dir / "metrics.jsonl")
 
     def summary(self) -> dict[str, Any]:
         """Best (with its epoch) and final test value of every ``test/*/top*`` metric."""
@@ -422,7 +642,8 @@ class Trainer:
         keys = [k for k in evaluated[-1] if k.startswith("test/") and "/top" in k]
         for k in keys:
             vals = [(r[k], r["epoch"]) for r in evaluated if k in r]
-            best_v, best_e = max(vals, key=lambda p: (p[0], -p[1]))
+            finite = [p for p in vals if p[0] is not None and math.isfinite(p[0])]
+            best_v, best_e = max(finite, key=lambda p: (p[0], -p[1])) if finite else (None, None)
             out["metrics"][k[len("test/") :]] = {
                 "best": best_v,
                 "best_epoch": best_e,
@@ -431,13 +652,21 @@ class Trainer:
         return out
 
 
+def finite_weights(model: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer of ``model`` is finite (one host sync)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """Flat final metrics: ``best/<metric>``, ``best_epoch/<metric>``, ``final/<metric>``."""
     out: dict[str, float] = {}
     for name, m in summary["metrics"].items():
-        out[f"best/{name}"] = m["best"]
-        out[f"best_epoch/{name}"] = m["best_epoch"]
-        out[f"final/{name}"] = m["final"]
+        for key in ("best", "best_epoch", "final"):
+            if m[key] is not None:
+                out[f"{key}/{name}"] = m[key]
     return out
 
 
@@ -460,8 +689,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         return "no evaluation was run"
     head = ("metric", "best", "epoch", "final")
     lines = [
-        [name, f"{m['best']:.2f}", str(m["best_epoch"]), f"{m['final']:.2f}"]
-        for name, m in rows.items()
+        [name, _pct(m["best"]), str(m["best_epoch"]), _pct(m["final"])] for name, m in rows.items()
     ]
     widths = [max(len(r[i]) for r in [list(head), *lines]) for i in range(4)]
     fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
@@ -469,6 +697,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     best = summary["best"]
     title = (
         f"Test accuracy (%) over {summary['epochs']} epochs; best {best['metric']} = "
-        f"{best['value']:.2f} at epoch {best['epoch']}"
+        f"{_pct(best['value'])} at epoch {best['epoch']}"
     )
     return "\n".join([title, fmt.format(*head), sep, *(fmt.format(*r) for r in lines)])
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}"

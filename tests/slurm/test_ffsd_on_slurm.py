@@ -35,7 +35,7 @@ TINY = (
     "trainer.epochs=2",
     "trainer.device=cpu",
     "trainer.threads=1",
-    "schedule.milestones=[2]",
+    "schedule.milestones=[1]",
 )
 
 
