@@ -72,8 +72,8 @@ def compose(args: argparse.Namespace, dataset: str, extra: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    # FFSD counts its students; the K-network methods their networks (conf/distill/*.yaml).
-    count = "num_students" if args.method == "ffsd" else "num_networks"
+    # FFSD counts its students, ONE its branches, the K-network methods their networks.
+    count = {"ffsd": "num_students", "one": "num_branches"}.get(args.method, "num_networks")
     overrides = [
         f"model={args.model}",
         f"dataset={dataset}",

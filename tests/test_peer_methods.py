@@ -400,7 +400,6 @@ def test_state_dict_round_trip_lists_the_networks():
             "distill.kl_eps=0.001 is not valid; choose one of: 0.0, 1e-07",
         ),
         (("distill=dml", "distill.detach=1"), "distill.detach=1 must be true or false"),
-        (("distill=dml", "distill.share_stem=layer1"), "choose: false"),
         (("distill=dml", "distill.deploy=2"), "distill.deploy=2 is not allowed: must be <= 1"),
         (("distill=kdcl", "distill.ensemble=general"), "'general' is not implemented"),
         (("distill=kdcl", "distill.ensemble=max"), "choose one of: minlogit, mean, naive, linear"),
