@@ -117,6 +117,7 @@ class ONE(PeerMethod):
 
     member = "branch"
     extra_outputs = ("teacher",)
+    count_key = "num_branches"
 
     def __init__(
         self,
@@ -159,17 +160,18 @@ class ONE(PeerMethod):
     @classmethod
     def option_errors(cls, cfg: DictConfig, key: str) -> list[str]:
         c = Checker(cfg)
-        c.number(f"{key}.num_branches", integer=True, low=2)
-        k = c.get(f"{key}.num_branches")
-        if isinstance(k, int) and not isinstance(k, bool):
-            c.number(f"{key}.deploy", integer=True, low=0, high=k - 1)
         c.number(f"{key}.temperature", strict_low=0)
         c.choice(f"{key}.kl_eps", (L.KL_EPS, 0.0))
         c.boolean(f"{key}.detach_teacher")
         c.number(f"{key}.rampup_epochs", integer=True, low=0)
         c.number(f"{key}.kl_weight", low=0)
         c.number(f"{key}.teacher_ce_weight", low=0)
-        return c.errors + branching_errors(cfg, f"{key}.num_branches", k)
+        k = c.get(f"{key}.num_branches")
+        return (
+            super().option_errors(cfg, key)
+            + c.errors
+            + branching_errors(cfg, f"{key}.num_branches", k)
+        )
 
     def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:
         super().begin_epoch(epoch, batches_per_epoch)

@@ -111,6 +111,8 @@ class PeerMethod(OnlineMethod):
 
     #: Fewest networks the method is defined for (baselines spec, each section's (a)).
     min_networks = 2
+    #: The ``distill`` key that holds the network count (ONE calls them branches).
+    count_key = "num_networks"
     #: The optimizer group of ``cfg.optim`` that trains the networks.
     optim_group = "networks"
     #: What the metric and network names call a network: ``net`` (``net0/top1``), or ``branch``
@@ -163,8 +165,8 @@ class PeerMethod(OnlineMethod):
     @classmethod
     def option_errors(cls, cfg: DictConfig, key: str) -> list[str]:
         c = Checker(cfg)
-        c.number(f"{key}.num_networks", integer=True, low=cls.min_networks)
-        k = c.get(f"{key}.num_networks")
+        c.number(f"{key}.{cls.count_key}", integer=True, low=cls.min_networks)
+        k = c.get(f"{key}.{cls.count_key}")
         if isinstance(k, int) and not isinstance(k, bool):
             c.number(f"{key}.deploy", integer=True, low=0, high=k - 1)
         return c.errors
