@@ -71,17 +71,19 @@ class PeerNetworks(nn.Module):
         num_networks: int,
         shared_stages: int = 0,
         member: str = "net",
+        groups: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         self.num_networks = int(num_networks)
         self.member = member
         # Built one after another from the global generator: each copy gets its own draw of the
         # backbone's initialisation (the engine seeds that generator from trainer.seed).
-        if shared_stages:
+        if shared_stages or groups is not None:
             # The networks share their first stages (baselines spec, "Backbones as stage lists"):
-            # independent training's "individual branches", DML's MCL-OKD stem.
+            # independent training's "individual branches", DML's MCL-OKD stem; or stages per
+            # group of branches (``groups``, CL-ILR's hierarchy).
             self.nets: nn.ModuleList = Branches(
-                net_factory, num_classes, num_networks, shared_stages=shared_stages
+                net_factory, num_classes, num_networks, shared_stages=shared_stages, groups=groups
             )
         else:
             self.nets = nn.ModuleList(
