@@ -190,7 +190,6 @@ class CLILR(PeerMethod):
         )
         self.rampup_epochs = int(rampup_epochs)
         super().__init__(num_networks=num_branches, deploy=deploy, **common)
-        self._ramp = torch.ones((), device=self.device)
 
     def build_networks(self, net: Callable[..., TapNet], num_classes: int) -> PeerNetworks:
         return CLILRNetworks(net, num_classes, self.num_networks, **self.options)
@@ -219,24 +218,9 @@ class CLILR(PeerMethod):
             + branching_errors(cfg, f"{key}.num_branches", k)
         )
 
-    def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:
-        super().begin_epoch(epoch, batches_per_epoch)
+    def ramp_weight(self, epoch: int) -> float:
         # Form B's r_80(e), constant within an epoch (baselines spec, "Ramp-up"); 1 for Form A.
-        self._ramp = torch.tensor(
-            L.ramp_up(epoch, self.rampup_epochs), dtype=torch.float32, device=self.device
-        )
-
-    def ramp(self) -> float:
-        return float(self._ramp)
-
-    def step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
-        images, labels = self._start_step(images, labels, epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            total, terms = self.forward_fn(images, labels, self._ramp)
-        total.backward()
-        self.optimizer.step()
-        return terms
+        return L.ramp_up(epoch, self.rampup_epochs)
 
     def describe(self) -> str:
         groups = self.nets.nets.groups

@@ -197,7 +197,6 @@ class OKDDip(PeerMethod):
         self.deploy_name = "leader"
         self.progress_terms = ("leader/loss", "leader/acc")
         self.epoch_metrics = ("leader/top1", "peer_mean/top1", "ensemble/top1")
-        self._ramp = torch.ones((), device=self.device)
 
     def build_networks(self, net: Callable[..., TapNet], num_classes: int) -> PeerNetworks:
         return OKDDipNetworks(net, num_classes, self.num_peers, **self.options)
@@ -248,25 +247,9 @@ class OKDDip(PeerMethod):
         )
 
     # -- schedule ------------------------------------------------------------------------------
-    def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:
-        super().begin_epoch(epoch, batches_per_epoch)
+    def ramp_weight(self, epoch: int) -> float:
         # r_80(e) from the 0-based epoch, constant within an epoch (baselines spec, "Ramp-up").
-        self._ramp = torch.tensor(
-            L.ramp_up(epoch, self.rampup_epochs), dtype=torch.float32, device=self.device
-        )
-
-    def ramp(self) -> float:
-        return float(self._ramp)
-
-    # -- training ------------------------------------------------------------------------------
-    def step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
-        images, labels = self._start_step(images, labels, epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            total, terms = self.forward_fn(images, labels, self._ramp)
-        total.backward()
-        self.optimizer.step()
-        return terms
+        return L.ramp_up(epoch, self.rampup_epochs)
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -222,7 +222,6 @@ class PCL(PeerMethod):
             f"ema_peer{self.deploy}/acc",
         )
         self.epoch_metrics = ("teacher/top1", "ema_ensemble/top1", "ema_peer_mean/top1")
-        self._ramp = torch.ones((), device=self.device)
 
     def build_networks(self, net: Callable[..., TapNet], num_classes: int) -> PeerNetworks:
         return PCLNetworks(net, num_classes, self.num_networks, **self.options)
@@ -279,14 +278,9 @@ class PCL(PeerMethod):
         self.ema_step = int(state["ema_step"])
 
     # -- training ------------------------------------------------------------------------------
-    def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:
-        super().begin_epoch(epoch, batches_per_epoch)
+    def ramp_weight(self, epoch: int) -> float:
         # w(e), constant within an epoch (baselines spec, "Ramp-up"; section 7 (b)).
-        w = pcl_rampup(epoch, self.rampup_epochs, self.rampup_bug)
-        self._ramp = torch.tensor(w, dtype=torch.float32, device=self.device)
-
-    def ramp(self) -> float:
-        return float(self._ramp)
+        return pcl_rampup(epoch, self.rampup_epochs, self.rampup_bug)
 
     @torch.no_grad()
     def update_mean_model(self) -> float:

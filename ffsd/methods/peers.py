@@ -159,6 +159,7 @@ class PeerMethod(OnlineMethod):
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.forward_fn = self.nets
+        self._ramp: Tensor | None = None
 
     def build_networks(self, net: Callable[..., TapNet], num_classes: int) -> PeerNetworks:
         """The method's networks and loss; subclasses return their :class:`PeerNetworks`."""
@@ -206,9 +207,21 @@ class PeerMethod(OnlineMethod):
         return state
 
     # -- schedule ------------------------------------------------------------------------------
+    def ramp_weight(self, epoch: int) -> float | None:
+        """The distillation weight of epoch ``epoch``, constant within it, or None for a method
+        without a ramp-up. With a weight, ``forward_fn`` gets it as a third argument (a 0-d
+        tensor on the device, so changing it recompiles nothing)."""
+        return None
+
+    def ramp(self) -> float:
+        """The current epoch's ramp-up weight (1 for a method without one)."""
+        return 1.0 if self._ramp is None else float(self._ramp)
+
     def begin_epoch(self, epoch: int, batches_per_epoch: int | None = None) -> None:
         super().begin_epoch(epoch, batches_per_epoch)
         self._set_lrs(epoch, 0)
+        w = self.ramp_weight(epoch)
+        self._ramp = None if w is None else torch.tensor(w, dtype=torch.float32, device=self.device)
 
     def _set_lrs(self, epoch: int, it: int) -> None:
         progress = (it + 1) / self._batches_per_epoch if self._batches_per_epoch else 1.0
@@ -233,8 +246,9 @@ class PeerMethod(OnlineMethod):
     def step(self, images: Tensor, labels: Tensor, epoch: int) -> dict[str, Tensor]:
         images, labels = self._start_step(images, labels, epoch)
         self.optimizer.zero_grad(set_to_none=True)
+        ramp = () if self._ramp is None else (self._ramp,)
         with self.autocast():
-            total, terms = self.forward_fn(images, labels)
+            total, terms = self.forward_fn(images, labels, *ramp)
         total.backward()
         self.optimizer.step()
         return terms
