@@ -8,6 +8,7 @@ knowledge of the training run, lives in :mod:`ffsd.tasks.validation`.
 from __future__ import annotations
 
 import numbers
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,19 @@ class ConfigError(ValueError):
 def group_options(group: str) -> list[str]:
     """Names of the options of a config group (``conf/<group>/*.yaml``)."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+# ``${ffsd.options:model}`` -> "densenet40, googlenet, ...": the help text (``hydra.help`` in
+# conf/config.yaml) lists each group's options from conf/ itself, so it never lags behind.
+OmegaConf.register_new_resolver(
+    "ffsd.options", lambda group: ", ".join(group_options(str(group))), replace=True
+)
+
+# ``${ffsd.pid:}`` -> this process's id, in the default run and sweep directories
+# (conf/config.yaml): two jobs started in the same second get directories of their own. Cached
+# like Hydra's ``${now:}``, whose cache Hydra copies into each job of a sweep (SLURM's too), so
+# every job sees the launching process's value.
+OmegaConf.register_new_resolver("ffsd.pid", os.getpid, use_cache=True, replace=True)
 
 
 def models_for_size(size: int) -> list[str]:

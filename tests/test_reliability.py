@@ -167,6 +167,9 @@ class OtherRankDiverges(DistContext):
     def broadcast_buffers(self, module) -> None:
         pass
 
+    def broadcast_object(self, obj):
+        return obj  # rank 0's, which this is
+
 
 def test_ranks_agree_to_stop_at_a_log_boundary_when_another_rank_diverges(tmp_path):
     # 32 images over 2 ranks in batches of 4: 4 batches per rank; reads at steps 2 and 4.
@@ -650,10 +653,10 @@ def test_full_disk_checkpoint_names_the_file_and_free_space_and_keeps_the_old_on
 
 
 def test_full_disk_text_file_says_so(tmp_path, monkeypatch):
-    def no_space(self, *a, **k):
+    def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", no_space)
+    monkeypatch.setattr(os, "fsync", no_space)  # where a full NFS disk shows
     with pytest.raises(OutputWriteError, match=r"metrics\.jsonl: No space left on device \(the"):
         atomic_write_text("{}\n", tmp_path / "metrics.jsonl")
 

@@ -127,6 +127,7 @@ def test_cifar_tensor_pipeline_end_to_end(tmp_path):
     cfg = make_cfg(
         "dataset=cifar100",
         f"dataset.root={tmp_path}",
+        "dataset.verify_checksums=false",  # tiny files, not the official ones
         "dataset.pipeline=tensor",
         "trainer.output_dir=/unused",
     )
@@ -151,6 +152,7 @@ def test_epoch_replays_exactly_and_skipping_keeps_later_batches(tmp_path):
     cfg = make_cfg(
         "dataset=cifar100",
         f"dataset.root={tmp_path}",
+        "dataset.verify_checksums=false",  # tiny files, not the official ones
         "dataset.pipeline=tensor",
         "trainer.output_dir=/unused",
     )

@@ -39,6 +39,12 @@ class DataNotFoundError(FileNotFoundError):
     """Raised before any work when a dataset is not where the config says."""
 
 
+class DataIntegrityError(DataNotFoundError):
+    """A dataset file is there but is not what it claims: not the official file (checksum), or
+    content the format never holds (a pickle that would run code). A :class:`DataNotFoundError`,
+    so every caller that stops on missing data stops on this too."""
+
+
 class ShardSampler(Sampler[int]):
     """Rank ``rank``'s share of ``range(n)`` in order, without the padding DistributedSampler adds.
 

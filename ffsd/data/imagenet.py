@@ -7,13 +7,17 @@ Transforms per the spec ("Data"): train random-resized crop 224 + horizontal fli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torchvision.transforms as T
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
 
 from ffsd.data.base import DataModule, DataNotFoundError
+
+# torchvision is imported where it is used: its import pulls torch._dynamo, seconds per process
+# that every run and task without an ImageFolder dataset would pay for nothing.
+if TYPE_CHECKING:
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
 
 
 class ImageFolderData(DataModule):
@@ -45,6 +49,8 @@ class ImageFolderData(DataModule):
                 )
 
     def build_train(self) -> Dataset:
+        import torchvision.transforms as T
+
         self.check()
         transform = T.Compose(
             [
@@ -57,6 +63,8 @@ class ImageFolderData(DataModule):
         return self._folder("train", transform)
 
     def build_test(self) -> Dataset:
+        import torchvision.transforms as T
+
         self.check()
         transform = T.Compose(
             [
@@ -69,6 +77,8 @@ class ImageFolderData(DataModule):
         return self._folder("val", transform)
 
     def _folder(self, split: str, transform: T.Compose) -> ImageFolder:
+        from torchvision.datasets import ImageFolder
+
         ds = ImageFolder(str(self.dirs[split]), transform=transform)
         if len(ds.classes) != self.num_classes:
             raise ValueError(

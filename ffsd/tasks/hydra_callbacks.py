@@ -1,7 +1,14 @@
 """Hydra callbacks run by the launching process (``hydra.callbacks`` in ``conf/config.yaml``).
 
+:class:`RefuseUnknownKeys` stops a command whose ``+key=value`` adds a key that is not in the
+config tree (``+trainer.epoch=3``: nothing would read it), before any directory is made
+(:mod:`ffsd.tasks.overrides`).
+
 :class:`SweepNeedsMultirun` stops ``python launch.py +sweep=x`` without ``-m``, which would
 otherwise train one job with the default values instead of the sweep.
+
+:class:`ValidateJobs` validates every job's config before the first job starts (or is
+submitted).
 
 :class:`PrepareTracking` creates what a sweep's jobs will log to (the tracking store and its
 experiments) once, before any job starts: many jobs starting together on SLURM would otherwise
@@ -62,6 +69,42 @@ def job_configs(config: DictConfig) -> Iterator[DictConfig]:
         yield loader.load_sweep_config(config, overrides)
 
 
+def swept_keys(config: DictConfig) -> set[str]:
+    """The keys a multirun sweeps (``key=a,b`` on the command line or in ``+sweep=``)."""
+    parsed = OverridesParser.create().parse_overrides(sweep_arguments(config))
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+class ValidateJobs(Callback):
+    """``on_multirun_start``: :func:`ffsd.tasks.validation.validate` on every job's config.
+
+    Every invalid job is named (number, swept values, each problem) and none is launched, where
+    otherwise job #1's bad value would be found after job #0 trained to the end, and on SLURM
+    every job would be submitted. A launcher other than Hydra's basic one runs the jobs
+    elsewhere (SLURM): what only their machine can tell (a GPU) is left to the jobs.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ffsd.config import ConfigError
+        from ffsd.tasks.validation import validate
+
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        keys = swept_keys(config)
+        failures = []
+        for num, cfg in enumerate(job_configs(config)):
+            try:
+                validate(cfg, this_machine=launcher.endswith("BasicLauncher"))
+            except ConfigError as err:
+                if cfg is config:  # jobs that cannot be listed: their common config
+                    failures.append(f"the sweep's config: {err}")
+                    continue
+                task = OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []
+                values = [o for o in task if o.split("=", 1)[0].lstrip("+~") in keys]
+                failures.append(f"job #{num} ({' '.join(values)}): {err}")
+        if failures:
+            raise SystemExit("Error: " + "\n".join(failures) + "\nNo job was launched.")
+
+
 class PrepareTracking(Callback):
     """``on_multirun_start``: ``tracker.prepare(job_cfg)`` for every job of the sweep."""
 
@@ -88,3 +131,26 @@ class SweepNeedsMultirun(Callback):
                 f"Error: +sweep={sweep} defines a sweep (sweeps/{sweep}.yaml): run it with -m, "
                 f"e.g. python launch.py -m +sweep={sweep}"
             )
+
+
+class RefuseUnknownKeys(Callback):
+    """``on_run_start``/``on_multirun_start``: refuse a ``+key`` that is not in the config tree.
+
+    Before Hydra makes the run (or sweep) directory, so a refused command leaves nothing behind.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        from ffsd.config import ConfigError
+        from ffsd.tasks.overrides import refuse_unknown_keys
+
+        try:
+            refuse_unknown_keys(config, OmegaConf.select(config, "hydra.overrides.task") or [])
+        except ConfigError as err:
+            raise SystemExit(f"Error: {err}") from err

@@ -14,21 +14,32 @@ the engine refuses differences unless ``trainer.resume_changes=allow``.
   "index": "0" | "1" | "fusion" | "leader"}``, as the paper's code writes; the best leader is
   saved this way so that it loads wherever the released weights do.
 
-Every load uses ``torch.load(..., weights_only=True)``: a checkpoint cannot run code.
+Every load uses ``torch.load(..., weights_only=True)``: a checkpoint cannot run code. Before it,
+every record of a torch.save archive is checked against the CRC-32 stored with it
+(:func:`verify_archive`): ``torch.load`` does not, so flipped bytes inside a tensor would load as
+other weights without a word. A run state whose weights are not finite is refused by
+:func:`load_state` (resume); readers of one network report them (:func:`nonfinite_tensors`).
+
+Every write goes through a temporary file ``.<name>.<random>.tmp`` beside the target, fsync and a
+rename (:func:`atomic_save`, :func:`atomic_write_text`), created with the user's umask; one that
+a kill left behind is removed when the run directory is next started
+(:func:`remove_stale_temporaries`, under the run directory's lock).
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
+import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -36,6 +47,11 @@ from torch import nn
 
 STATE_FORMAT = "ffsd-state"
 STATE_VERSION = 1
+#: The temporary files of the writers below (``.last.pt.3f9a1c07.tmp``), and of earlier versions
+#: (``tempfile.mkstemp``'s ``.last.pt.k2j_x9qa.tmp``, ``.summary.json.tmp``).
+TMP_PATTERN = re.compile(r"^\..+?(\.[A-Za-z0-9_]+)?\.tmp$")
+#: How many non-finite tensors a message names.
+SHOW_TENSORS = 5
 
 
 class CheckpointError(RuntimeError):
@@ -98,24 +114,40 @@ def _write_message(path: Path, reason: str) -> str:
     )
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` with ``torch.save`` to a temporary file beside ``path``, then rename.
+def _temporary(path: Path) -> tuple[int, Path]:
+    """A new, empty ``.<name>.<random>.tmp`` beside ``path``, open for writing.
+
+    Created with mode 0o666 so that the kernel applies the umask (and a directory's default ACL)
+    as for any file the user creates: ``tempfile.mkstemp`` makes 0o600 files, which the rename
+    would keep, unreadable by the project's group on a shared directory.
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _replace(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a temporary file with ``write``, fsync it, rename it to ``path``, fsync the folder.
 
     A reader (or a resumed run) sees the old file or the new one, never a partial one, even if
-    the process dies mid-write.
+    the process or the machine dies mid-write: the data is on disk before the rename, and the
+    rename before this returns.
     """
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _temporary(path)
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -125,18 +157,32 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path``, replaced atomically (see :func:`_replace`)."""
+    return _replace(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text: str, path: str | Path) -> Path:
-    """``path.write_text(text)`` through a temporary file and a rename, failures as above."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path):
-        try:
-            tmp.write_text(text)
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    return path
+    """``path.write_text(text)`` (UTF-8), replaced atomically like :func:`atomic_save`."""
+    return _replace(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_stale_temporaries(*folders: Path) -> list[Path]:
+    """Remove the writers' temporary files (:data:`TMP_PATTERN`) in ``folders``; return them.
+
+    Only a kill during a write leaves one (a failed write removes its own). Call it only while
+    holding the run directory (:mod:`ffsd.training.run_lock`): another live writer's file would
+    go too.
+    """
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if TMP_PATTERN.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -144,10 +190,61 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    verify_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(_load_failure(path, err)) from err
+
+
+def verify_archive(path: Path) -> None:
+    """Check every record of the torch.save archive ``path`` against its stored CRC-32.
+
+    ``torch.load`` reads the records without checking them. One pass over the file (zlib's
+    CRC-32, faster than the disk). Files that are not zip archives (legacy ``torch.save``, a
+    plain pickle) carry no checksum and are left to ``torch.load``, as is an archive too damaged
+    to list its records: :func:`_load_failure` says what it is.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError):
+        return
+    if bad is not None:
+        raise CheckpointError(
+            f"{path} is damaged: its record {bad!r} does not match the CRC-32 checksum stored "
+            "with it (bytes changed on disk, in a copy or in a transfer since it was written), "
+            "so it was not used. Take the file from a good copy; a run's checkpoints/last.pt can "
+            "be moved away to start the run over."
+        )
+
+
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the floating-point tensors in ``tree`` (nested dicts and lists) that hold
+    NaN or infinite values."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            return [] if bool(torch.isfinite(tree).all()) else [prefix or "(tensor)"]
+        return []
+    if isinstance(tree, float):
+        return [] if math.isfinite(tree) else [prefix]
+    items: Any = ()
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    return [
+        key for k, v in items for key in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    ]
+
+
+def name_tensors(keys: list[str]) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 7 more``."""
+    shown = ", ".join(keys[:SHOW_TENSORS])
+    return shown if len(keys) <= SHOW_TENSORS else f"{shown} and {len(keys) - SHOW_TENSORS} more"
 
 
 def _load_failure(path: Path, err: Exception) -> str:
@@ -212,6 +309,14 @@ def load_state(path: str | Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
             f"{path} was written by a different run configuration ({'; '.join(diffs)}). "
             "Resume with the same settings, or start a new run in another output directory "
             "(or trainer.resume=never after moving the file away)."
+        )
+    # The weights and optimizer state (momentum buffers) the run would continue from.
+    bad = nonfinite_tensors(state.get("method"), "method")
+    if bad:
+        raise CheckpointError(
+            f"{path} cannot be resumed: {name_tensors(bad)} hold NaN or infinite values, so "
+            "training would go on from broken networks. Resume from an earlier copy of the "
+            "file, or start over (move the file away)."
         )
     return state
 
