@@ -64,7 +64,7 @@ class RecordingTracker(Tracker):
     def __init__(self, **_: Any) -> None:
         RecordingTracker.calls = []
 
-    def start(self, cfg, run_dir, resume_run_id=None) -> None:
+    def start(self, cfg, run_dir, resume_run_id=None, parent=None) -> None:
         self.calls.append(("start", str(run_dir)))
 
     def log_metrics(self, metrics, step) -> None:

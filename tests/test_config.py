@@ -127,7 +127,7 @@ def test_launch_stops_on_bad_value_before_any_work(tmp_path):
     )
     assert res.returncode != 0
     assert "distill.num_students=1" in res.stderr
-    assert not (run / "checkpoints").exists()
+    assert not run.exists()  # not even the run directory Hydra made for it
 
 
 def test_launch_reports_missing_cifar_clearly(tmp_path):
@@ -142,3 +142,4 @@ def test_launch_reports_missing_cifar_clearly(tmp_path):
         and "dataset.download=true" in err
     )
     assert "urllib" not in err
+    assert list(tmp_path.iterdir()) == []  # no run directory left behind

@@ -36,6 +36,7 @@ def eval_cfg(tmp_path, checkpoint, *overrides):
         "task=eval",
         f"checkpoint={checkpoint}",
         f"trainer.output_dir={tmp_path / 'eval'}",
+        f"task.output_dir={tmp_path / 'eval'}",  # not beside the (shared) checkpoint
         "trainer.progress=false",
         "trainer.device=cpu",
         *overrides,
@@ -73,6 +74,7 @@ def test_release_leader_evaluates_like_the_network_in_memory(tmp_path, cifar, ca
         "model=resnet20",
         "dataset=cifar100",
         f"dataset.root={cifar}",
+        "dataset.verify_checksums=false",  # tiny files, not the official ones
         "dataset.loader.num_workers=0",
         "task.batch_size=16",  # 3 batches
         "logger._target_=tests.checkpoints.RecordingTracker",

@@ -116,6 +116,7 @@ def test_check_on_test_images_exports_a_student(tmp_path):
         "model=resnet20",
         "dataset=cifar100",
         f"dataset.root={data}",
+        "dataset.verify_checksums=false",  # tiny files, not the official ones
         "dataset.loader.num_workers=0",
         f"trainer.output_dir={tmp_path / 'out'}",
         "task.formats=[torchscript]",
@@ -131,7 +132,9 @@ def test_check_on_test_images_exports_a_student(tmp_path):
 def test_missing_onnx_extra_fails_before_any_work(tmp_path, monkeypatch):
     write_release(tmp_path / "modelleader_best.pth")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
-    cfg = export_cfg(tmp_path / "out", tmp_path / "modelleader_best.pth")
+    cfg = export_cfg(
+        tmp_path / "out", tmp_path / "modelleader_best.pth", "task.formats=[torchscript,onnx]"
+    )
     with pytest.raises(ExportError) as err:
         run_task(cfg)
     assert "onnxruntime" in str(err.value) and 'pip install -e ".[onnx]"' in str(err.value)

@@ -196,6 +196,8 @@ def test_each_job_is_one_run_with_params_tags_metrics_and_artifacts(store, reque
         job_cfg = make_cfg(*[o for o in overrides], f"trainer.output_dir={run_dir}")
         expected = flatten_config(job_cfg)
         expected["logger.tracking_uri"] = params["logger.tracking_uri"]  # resolved in the job
+        # less the per-run path, a tag: MLflow's compare view then shows only real differences
+        assert expected.pop("trainer.output_dir") == tags["trainer.output_dir"] == str(run_dir)
         assert params == expected
         assert params["trainer.seed"] == str(num) and params["distill.lambda_fusion"] == "10.0"
         # metrics: every epoch with step=epoch, equal to the run directory's record

@@ -85,7 +85,8 @@ def test_network_choice_is_checked_against_a_one_network_file(tmp_path):
         read_network_checkpoint(path, "student0")
     assert str(path) in str(err.value) and "task.network=student0" in str(err.value)
     with pytest.raises(
-        ConfigError, match=r"task\.network='boss'.*auto, leader, student<i>.*net<k>"
+        ConfigError,
+        match=r"task\.network='boss'.*auto, all .*leader, student<i>.*net<k>.*ema_peer<k>",
     ):
         read_network_checkpoint(path, "boss")
 

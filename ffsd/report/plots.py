@@ -1,7 +1,12 @@
 """PNG figures of the report (``ffsd.report``), drawn with matplotlib's Agg backend (no display).
 
+* :func:`configuration_curves`: a test metric per epoch of every configuration of a report, the
+  mean over its runs (seeds) as a line and mean ± sample standard deviation as a band.
 * :func:`training_curves`: test top-1 per epoch of each network of a run (FFSD: the leader, the
   fusion module and each student; another method: its deployed network, ensemble and networks).
+
+Epoch axes have integer ticks; legends sit outside the plotted area, right of it, so they never
+hide a curve.
 * :func:`metric_vs_value`: a metric against a swept value (a λ): every run as a point and the
   mean ± standard deviation per value as a line.
 * :func:`metric_by_category`: a metric per category (a method): every run as a point coloured by
@@ -19,9 +24,64 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
 import numpy as np
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 Series = Sequence[tuple[float, float]]
+
+
+def _epoch_axis(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+
+
+def _legend_outside(ax, drawn: int) -> None:
+    if drawn:  # a figure without lines still gets written, without a warning
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    # bbox_inches="tight" widens the image to hold the legend beside the axes.
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def curves_figure(runs_by_label: dict[str, Sequence[Series]], title: str, ylabel: str) -> Figure:
+    """One line per label: at each epoch the mean of its runs' values, and a band of mean ±
+    sample standard deviation where two or more runs have that epoch."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    drawn = 0
+    for label, runs in runs_by_label.items():
+        by_epoch: dict[float, list[float]] = defaultdict(list)
+        for series in runs:
+            for epoch, value in series:
+                by_epoch[epoch].append(value)
+        if not by_epoch:
+            continue
+        xs = sorted(by_epoch)
+        means = np.array([np.mean(by_epoch[x]) for x in xs])
+        stds = np.array([np.std(by_epoch[x], ddof=1) if len(by_epoch[x]) > 1 else 0 for x in xs])
+        n = max(len(by_epoch[x]) for x in xs)
+        (line,) = ax.plot(
+            xs, means, marker="o" if len(xs) < 15 else None, ms=3, label=f"{label} (n={n})"
+        )
+        if n > 1:
+            ax.fill_between(xs, means - stds, means + stds, color=line.get_color(), alpha=0.2)
+        drawn += 1
+    _epoch_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend_outside(ax, drawn)
+    return fig
+
+
+def configuration_curves(
+    runs_by_label: dict[str, Sequence[Series]], title: str, path: Path, ylabel: str
+) -> Path:
+    """:func:`curves_figure`, written to ``path``."""
+    return _save(curves_figure(runs_by_label, title, ylabel), path)
 
 
 def _style(label: str) -> dict:
@@ -36,7 +96,7 @@ def _style(label: str) -> dict:
 
 def training_curves(curves: dict[str, Series], title: str, path: Path, ylabel: str) -> Path:
     """One line per network: ``curves[label] = [(epoch, value), ...]``."""
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     drawn = 0
     for label, points in curves.items():
         if not points:
@@ -44,17 +104,12 @@ def training_curves(curves: dict[str, Series], title: str, path: Path, ylabel: s
         xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, marker="o" if len(xs) < 15 else None, ms=3, label=label, **_style(label))
         drawn += 1
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if drawn:  # a run that never evaluated still gets its (empty) figure, without a warning
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    _legend_outside(ax, drawn)
+    return _save(fig, path)
 
 
 def metric_vs_value(

@@ -5,11 +5,13 @@ The target is an MLflow experiment name (``ffsd/lambda_grid``), a sweep director
 neither is read as an experiment name (``ffsd/methods`` is also a folder of the repository).
 Written to ``--out``:
 
-* ``report.md``: one row per configuration (the job overrides that differ between the runs,
-  the seed excepted) with the mean ± sample standard deviation over its finished runs of the
-  leader's best and final test top-1, the epoch of the best, the best top-1 of the students' mean
-  and of the fusion module, and the number of runs. Failed, killed and still-running runs are
-  listed under it and never averaged in.
+* ``report.md``: one row per configuration (the keys whose values differ between the runs, the
+  seed excepted; a run that does not override a key shows the value it ran with, from its params
+  or its group choices) with the mean ± sample standard deviation over its finished runs of the
+  leader's best and final test top-1, the epoch of the best, the best top-1 of
+  ``students_mean`` and of the fusion module, and the number of runs. Failed, killed and
+  still-running runs are listed under it and never averaged in; evaluations of a run's
+  checkpoint (child runs, tag ``ffsd.task=eval``) are not runs of the report.
 * When the runs differ in the method (``distill=ffsd,dml,...``, :data:`METHOD_KEY`), the table
   is the method table instead: one row per method (FFSD first, then alphabetical; per method and
   values of the other varying keys when there are some) with the mean ± sample standard
@@ -18,9 +20,12 @@ Written to ``--out``:
   number of finished runs; a cell averaging fewer runs than the row has says ``(n=…)``, and a
   metric no run of the row logged is ``–``. Beside it ``deploy_by_method.png``: every run's best
   deploy top-1 per method, coloured by seed, with the mean ± sample std.
-* ``curves.png``: test top-1 per epoch of one run (the best finished one, or ``--run``): for FFSD
-  the leader, the fusion module and each student; for another method every ``test/<net>/top1``
-  it logged (deploy, ensemble, each network).
+* ``curves.png``: every configuration's test top-1 per epoch (the leader's; the deployed
+  network's in a method report): the mean over its finished runs as a line, ± the sample
+  standard deviation as a band.
+* ``networks.png``: test top-1 per epoch of each network of one run (the best finished one, or
+  ``--run``): for FFSD the leader, the fusion module and each student; for another method every
+  ``test/<net>/top1`` it logged (deploy, ensemble, each network).
 * ``vs_<key>.png``: the best top-1 (the leader's; the deployed network's in a method sweep)
   against each swept numeric value (each λ).
 
@@ -38,7 +43,7 @@ import re
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -56,7 +61,7 @@ COLUMNS = (
     ("leader best", "best/leader/top1"),
     ("leader final", "final/leader/top1"),
     ("best epoch", "best_epoch/leader/top1"),
-    ("students best", "best/students_mean/top1"),
+    ("students_mean best", "best/students_mean/top1"),
     ("fusion best", "best/fusion/top1"),
 )
 PRIMARY = "best/leader/top1"
@@ -229,6 +234,16 @@ class RunInfo:
     metrics: dict[str, float]
     #: The value of the seed key(s) the rows average over (None: not set by an override).
     seed: str | None = None
+    #: The run's params (its whole config, dotted) and group choices (tag ``ffsd.choices``):
+    #: the effective value of a key its overrides leave out.
+    params: dict[str, str] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)
+
+    def effective(self, key: str) -> str | None:
+        """``key``'s value in this run: its override, else its param, else its group choice."""
+        if key in self.config:
+            return self.config[key]
+        return self.params.get(key, self.choices.get(key))
 
 
 @dataclass
@@ -276,17 +291,38 @@ def mean_std(values: list[float]) -> tuple[float, float | None, int]:
     return statistics.fmean(values), std, len(values)
 
 
+def same_value(value: str | None) -> tuple:
+    """What a value is, for grouping: ``10`` (an override) and ``10.0`` (a param) are one."""
+    if value is None:
+        return (2, "")
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
 def summarize(runs: list[RunInfo], target: Target) -> Report:
-    """Group the finished runs by the keys whose values differ between runs."""
-    every = {k for r in runs for k in r.config}
-    keys = sorted(k for k in every if len({r.config.get(k) for r in runs}) > 1)
+    """Group the finished runs by the keys whose values differ between runs.
+
+    A run that does not override a key another run overrides has that key's effective value
+    (its param or group choice), not none: runs of an experiment launched one by one compare
+    on what they ran with.
+    """
+    every = sorted({k for r in runs for k in r.config})
+    runs = [
+        replace(r, config={k: v for k in every if (v := r.effective(k)) is not None}) for r in runs
+    ]
+    keys = [k for k in every if len({same_value(r.config.get(k)) for r in runs}) > 1]
     method = METHOD_KEY if METHOD_KEY in keys else None
     if method is not None:
         keys = [method, *(k for k in keys if k != method)]
     finished = [r for r in runs if r.status == "FINISHED"]
     groups: dict[tuple, list[RunInfo]] = {}
+    shown: dict[tuple, tuple] = {}  # the first run's way of writing the values
     for r in finished:
-        groups.setdefault(tuple(r.config.get(k) for k in keys), []).append(r)
+        values = tuple(r.config.get(k) for k in keys)
+        same = tuple(map(same_value, values))
+        groups.setdefault(shown.setdefault(same, values), []).append(r)
 
     def order(values: tuple) -> tuple:
         if method is None:
@@ -397,14 +433,33 @@ def curve_labels(metrics: dict[str, float]) -> list[str]:
     return [*first, *rest]
 
 
-def draw_curves(client: MlflowClient, run: RunInfo, keys: list[str], out: Path) -> Path:
+def row_label(keys: list[str], values: tuple) -> str:
+    """``distill.lambda_fusion=10, trainer.epochs=4``; ``all runs`` when no key varies."""
+    return ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True)) or "all runs"
+
+
+def draw_curves(client: MlflowClient, report: Report, out: Path) -> Path:
+    """``curves.png``: every configuration's test top-1 per epoch (the leader's; the deployed
+    network's in a method report), the mean over its finished runs and a ± std band."""
+    metric = "test/" + report.primary.removeprefix("best/")
+    runs_by_label = {
+        row_label(report.keys, row.values): [history(client, r.run_id, metric) for r in row.runs]
+        for row in report.rows
+    }
+    what = "deployed network" if report.method_key else "leader"
+    title = f"test top-1 of the {what} per epoch: mean ± std over each configuration's runs"
+    return plots.configuration_curves(runs_by_label, title, out / "curves.png", f"{metric} (%)")
+
+
+def draw_networks(client: MlflowClient, run: RunInfo, keys: list[str], out: Path) -> Path:
+    """``networks.png``: test top-1 per epoch of each network of one run."""
     curves = {
         label: history(client, run.run_id, f"test/{label}/top1")
         for label in curve_labels(run.metrics)
     }
     conf = ", ".join(f"{k}={run.config.get(k)}" for k in keys)
     title = f"run {run.name}" + (f" ({conf})" if conf and conf not in run.name else "")
-    return plots.training_curves(curves, title, out / "curves.png", "test top-1 (%)")
+    return plots.training_curves(curves, title, out / "networks.png", "test top-1 (%)")
 
 
 def draw_sweeps(report: Report, out: Path) -> list[Path]:
@@ -466,8 +521,16 @@ def build(
     """The report of ``target`` and, for its unfinished runs, the number of epochs logged."""
     runs = []
     for run in fetch_runs(client, target):
+        tags, params = run.data.tags, dict(run.data.params)
+        if tags.get("ffsd.task", "train") != "train":
+            continue  # an evaluation or export of a run's checkpoint (a child run), no training
         overrides = run_overrides(client, run)
-        seeds = [v for k, v in override_config(overrides, ()).items() if k in seed_keys]
+        given = override_config(overrides, ())
+        seeds = [given.get(k, params.get(k)) for k in seed_keys]
+        try:
+            choices = dict(json.loads(tags.get("ffsd.choices", "{}")))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            choices = {}  # cut to fit a tag: the overrides and params still say most
         runs.append(
             RunInfo(
                 run_id=run.info.run_id,
@@ -475,7 +538,9 @@ def build(
                 status=run.info.status,
                 config=override_config(overrides, seed_keys),
                 metrics=dict(run.data.metrics),
-                seed=",".join(seeds) if seeds else None,
+                seed=",".join(s for s in seeds if s is not None) or None,
+                params=params,
+                choices=choices,
             )
         )
     report = summarize(runs, target)
@@ -524,14 +589,23 @@ def write(
     chosen = pool.get(run_id) if run_id else None
     if chosen is None and report.finished:
         chosen = max(report.finished, key=lambda r: r.metrics.get(report.primary, float("-inf")))
-    if chosen is not None:
-        curves = draw_curves(client, chosen, report.keys, out)
+    if report.rows:
+        curves = draw_curves(client, report, out)
         images.append(curves)
-        why = "" if run_id else " (the best finished run)"
         parts += [
-            f"Training curves of run `{chosen.name}`{why}:",
+            "Test top-1 per epoch of every configuration (mean ± std over its runs):",
             "",
             f"![curves]({curves.name})",
+            "",
+        ]
+    if chosen is not None:
+        networks = draw_networks(client, chosen, report.keys, out)
+        images.append(networks)
+        why = "" if run_id else " (the best finished run)"
+        parts += [
+            f"Every network of run `{chosen.name}`{why}:",
+            "",
+            f"![networks]({networks.name})",
             "",
         ]
     for path in draw_sweeps(report, out):
@@ -561,7 +635,9 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="output directory (default: <dir>/report or outputs/reports/<experiment>)",
     )
-    parser.add_argument("--run", help="run id whose training curves to draw (default: the best)")
+    parser.add_argument(
+        "--run", help="run id whose networks to draw in networks.png (default: the best)"
+    )
     parser.add_argument(
         "--seed-key", action="append", help="override key(s) averaged over (default: trainer.seed)"
     )

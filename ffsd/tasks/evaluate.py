@@ -2,8 +2,11 @@
 
 Measures top-k accuracy, per-class top-1, mean cross-entropy and throughput of the network's
 logits (the trans-fusion head is not run: see :func:`ffsd.tasks.weights.build_network`), prints a
-table and the worst classes, writes ``eval.json`` and ``per_class.csv`` to the run directory and
-logs the metrics and both files through the configured tracker (``conf/logger``).
+table and the worst classes, writes ``eval.json`` and ``per_class.csv`` beside the checkpoint
+(``task.output_dir``) and logs the metrics and both files through the configured tracker
+(``conf/logger``): for a checkpoint of a tracked run, in a child run of that run. The model and
+dataset come from the checkpoint unless the command line chooses them
+(:mod:`ffsd.tasks.checkpoint_config`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from tqdm.auto import tqdm
 from ffsd.config import ConfigError
 from ffsd.data.build import build_data
 from ffsd.models.base import LogitsOnly
+from ffsd.tasks.checkpoint_config import apply_checkpoint_settings
+from ffsd.tasks.evaluate_all import run_all
 from ffsd.tasks.validation import validate
 from ffsd.tasks.weights import (
     build_network,
@@ -34,7 +39,9 @@ from ffsd.tasks.weights import (
     read_network_checkpoint,
     require_checkpoint,
 )
-from ffsd.tracking.base import Tracker
+from ffsd.tracking.base import TrackedRun, Tracker
+from ffsd.tracking.mlflow_tracker import read_run_record
+from ffsd.training.checkpoint import name_tensors
 from ffsd.training.runtime import resolve_device, set_threads, tune_host_malloc
 
 log = logging.getLogger("ffsd")
@@ -179,6 +186,21 @@ def check_topk(topk: Any, num_classes: int, key: str) -> list[int]:
     return ks
 
 
+def beside(path: Path, found: str, asked: str) -> Path:
+    """``<checkpoint dir>/eval_<file stem>[_<network>]/``: an evaluation's default directory.
+
+    The network is named when ``task.network`` picked one of a run state's, so evaluations of
+    several networks of one ``last.pt`` keep their own files.
+    """
+    suffix = f"_{found}" if asked != "auto" else ""
+    return path.parent / f"eval_{path.stem}{suffix}"
+
+
+def tracked_run_of(path: Path) -> TrackedRun | None:
+    """The tracked run a run's ``checkpoints/<file>`` belongs to (its run directory's record)."""
+    return read_run_record(path.parent.parent) if path.parent.name == "checkpoints" else None
+
+
 def run(
     cfg: DictConfig,
     *,
@@ -186,14 +208,20 @@ def run(
     topk: Sequence[int],
     batch_size: int,
     worst_classes: int,
+    output_dir: str | None = None,
+    infer_datasets: Sequence[str] = (),
 ) -> float:
     """``task=eval`` (conf/task/eval.yaml): evaluate one network of ``cfg.checkpoint``.
 
+    The model and dataset the command line does not choose come from the checkpoint
+    (:mod:`ffsd.tasks.checkpoint_config`). The files go to ``output_dir``, by default beside
+    the checkpoint; a checkpoint of a tracked run is evaluated in a child run of its MLflow run.
     Returns the top-1 accuracy (for sweeps over checkpoints).
     """
     path = require_checkpoint(cfg, "eval")
-    validate(cfg)
     check_network_choice(network, "task.network")
+    known = apply_checkpoint_settings(cfg, path, network, list(infer_datasets))
+    validate(cfg)
     ks = check_topk(list(topk), int(cfg.dataset.num_classes), "task.topk")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"task.batch_size={batch_size!r} must be an integer >= 1")
@@ -203,8 +231,20 @@ def run(
     set_threads(cfg.trainer.threads)
     tune_host_malloc(**cfg.trainer.host_malloc)
     data = build_data(cfg)  # checks the files are there; reads nothing yet
-    ckpt = read_network_checkpoint(path, network)
+    if network == "all":  # the whole method of a run state, as its epoch line reports it
+        run_dir = Path(output_dir) if output_dir else beside(path, "all", "all")
+        return run_all(cfg, path, data, device, batch_size, run_dir, tracked_run_of(path))
+    ckpt = known or read_network_checkpoint(path, network)
     log.info(ckpt.describe())
+    if ckpt.nonfinite:
+        log.warning(
+            "%s: %d weight tensors of the %s are not finite (NaN or infinite values: %s); the "
+            "figures below are those of a broken network",
+            path,
+            len(ckpt.nonfinite),
+            ckpt.network,
+            name_tensors(ckpt.nonfinite),
+        )
     net = build_network(
         ckpt,
         instantiate(cfg.model.net, _partial_=True),
@@ -213,10 +253,17 @@ def run(
         dataset_name=str(cfg.dataset.name),
     )
     model = LogitsOnly(net).to(device)
-    run_dir = Path(cfg.trainer.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(output_dir) if output_dir else beside(path, ckpt.network, network)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # beside a read-only download, say
+        raise ConfigError(
+            f"task.output_dir={output_dir!r}: the evaluation's files go to {run_dir}, which "
+            f"cannot be made ({err.strerror}); set task.output_dir=DIR"
+        ) from err
     tracker: Tracker = instantiate(cfg.logger)
-    tracker.start(cfg, run_dir)
+    parent = tracked_run_of(path)
+    tracker.start(cfg, run_dir, parent=parent)
     try:
         result = evaluate_network(
             model,
@@ -230,6 +277,7 @@ def run(
         worst = lowest_classes(result, names, worst_classes)
         report = {
             "checkpoint": str(path),
+            "tracked_run": parent.run_id if parent is not None else None,
             "model": str(cfg.model.name),
             "dataset": str(cfg.dataset.name),
             "split": "test",

@@ -16,6 +16,8 @@ Formats (``conf/task/export.yaml``, each an :class:`Exporter` built from its ``_
   -> ``<model>_<network>.onnx``, checked with onnxruntime. onnx, onnxruntime and onnxscript are
   the optional extra ``pip install -e ".[onnx]"``.
 
+The default formats are the first two, which the base install writes; ONNX only when asked for.
+
 Every file is loaded back and run on a check batch (and on its first image alone, which
 exercises the dynamic batch axis); the largest absolute difference from the eager network's
 logits is printed and written to ``export.json``, and every logit must agree within
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 from ffsd.config import ConfigError
 from ffsd.data.build import build_data
 from ffsd.models.base import LogitsOnly, count_parameters
+from ffsd.tasks.checkpoint_config import apply_checkpoint_settings
 from ffsd.tasks.validation import validate
 from ffsd.tasks.weights import (
     build_network,
@@ -318,21 +321,25 @@ def run(
     check_inputs: str,
     atol: float,
     rtol: float,
+    infer_datasets: Sequence[str] = (),
 ) -> float:
     """``task=export`` (conf/task/export.yaml): export one network of ``cfg.checkpoint``.
 
-    Returns the largest difference from the eager network over all formats.
+    The model and dataset the command line does not choose come from the checkpoint
+    (:mod:`ffsd.tasks.checkpoint_config`). Returns the largest difference from the eager
+    network over all formats.
     """
     path = require_checkpoint(cfg, "export")
-    validate(cfg)
     check_network_choice(network, "task.network")
     formats = list(formats)
     _check_options(formats, exporters, batch_size, check_inputs, atol, rtol)
     for name in formats:
         exporters[name].check_available()
+    known = apply_checkpoint_settings(cfg, path, network, list(infer_datasets))
+    validate(cfg)
     set_threads(cfg.trainer.threads)
     data = build_data(cfg) if check_inputs == "test" else None
-    ckpt = read_network_checkpoint(path, network)
+    ckpt = known or read_network_checkpoint(path, network)
     log.info(ckpt.describe())
     num_classes, size = int(cfg.dataset.num_classes), int(cfg.dataset.image_size)
     net = build_network(

@@ -25,8 +25,12 @@ from ffsd.training.preemption import parse_signal
 from ffsd.training.runtime import MALLOPT_MAX_MB
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` naming every bad key, value and the valid choices."""
+def validate(cfg: DictConfig, *, this_machine: bool = True) -> None:
+    """Raise :class:`ConfigError` naming every bad key, value and the valid choices.
+
+    ``this_machine=False``: the job will run elsewhere (a sweep's SLURM job, validated on the
+    submitting node), so what only its machine can tell (is there a GPU?) is left to the job.
+    """
     c = Checker(cfg)
     # trainer
     c.number("trainer.epochs", integer=True, low=1)
@@ -115,7 +119,7 @@ def validate(cfg: DictConfig) -> None:
             f"{', '.join(fits) if fits else 'none'}"
         )
 
-    _check_runtime(c)
+    _check_runtime(c, this_machine)
     _check_optimizers(c)
     _check_schedule(c)
 
@@ -132,12 +136,12 @@ def _positive_number(value: Any) -> bool:
     )
 
 
-def _check_runtime(c: Checker) -> None:
+def _check_runtime(c: Checker, this_machine: bool = True) -> None:
     """Threads, the GPU, the output directory, resume and stop-signal options."""
     if c.get("trainer.threads") is not None:
         c.number("trainer.threads", integer=True, low=1)
     device = c.get("trainer.device")
-    if isinstance(device, str) and device.startswith("cuda"):
+    if this_machine and isinstance(device, str) and device.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = device.partition(":")[2]
         if count == 0:

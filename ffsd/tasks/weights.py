@@ -1,7 +1,7 @@
 """One network's weights from any checkpoint file, with what can be inferred and clear errors.
 
-Reads (always with ``torch.load(weights_only=True)``, through
-:func:`ffsd.training.checkpoint.safe_load`):
+Reads (always with ``torch.load(weights_only=True)``, after checking the archive's checksums,
+through :func:`ffsd.training.checkpoint.safe_load`):
 
 * the released code's files and this project's ``checkpoints/model_<deploy>_best.pth``:
   ``{"weight": state_dict, "epoch", "cfg": model name, "index": "leader" | "0" | "1" | ...}``
@@ -36,7 +36,13 @@ from torch import Tensor
 
 from ffsd.config import CONF_DIR, ConfigError, group_options
 from ffsd.models.base import TapNet
-from ffsd.training.checkpoint import STATE_FORMAT, CheckpointError, safe_load
+from ffsd.training.checkpoint import (
+    STATE_FORMAT,
+    CheckpointError,
+    name_tensors,
+    nonfinite_tensors,
+    safe_load,
+)
 
 #: Prefix of the leader's trans-fusion head (release name; spec, "Checkpoints of the release").
 HEAD = "trans_fusion_module."
@@ -53,9 +59,9 @@ SHOW = 5
 
 #: ``task.network``: auto, FFSD's leader/student<i>, or another method's net<k>, branch<k>, peer<k>
 #: (the names its run state lists; ``OnlineMethod.networks``).
-NETWORK_PATTERN = re.compile(r"^(auto|leader|(student|net|branch|peer)\d+)$")
+NETWORK_PATTERN = re.compile(r"^(auto|all|leader|(student|net|branch|peer|ema_peer)\d+)$")
 #: Release-format ``index`` values of networks other methods save (``model_<name>_best.pth``).
-NAMED_INDEX = re.compile(r"^(student|net|branch|peer)\d+$")
+NAMED_INDEX = re.compile(r"^(student|net|branch|peer|ema_peer)\d+$")
 
 
 @dataclass
@@ -78,19 +84,33 @@ class NetworkCheckpoint:
     notes: list[str] = field(default_factory=list)
     #: Every network a run state holds (``OnlineMethod.networks``); empty for one-network files.
     run_networks: tuple[str, ...] = ()
+    #: Weight tensors holding NaN or infinite values (also a note; ``task=eval`` warns).
+    nonfinite: list[str] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.nonfinite = nonfinite_tensors(self.state)
+        if self.nonfinite:
+            self.notes.append(
+                f"{len(self.nonfinite)} weight tensors are not finite (NaN or infinite values): "
+                f"{name_tensors(self.nonfinite)}"
+            )
 
     def inferred(self) -> dict[str, Any]:
         """What was inferred, as plain values (for ``eval.json`` / ``export.json``)."""
-        return {
-            "checkpoint": str(self.path),
-            "kind": self.kind,
-            "network": self.network,
-            "leader": self.leader,
-            "num_students": self.num_students,
-            "num_classes": self.num_classes,
-            "epoch": self.epoch,
-            "recorded_model": self.recorded_model,
-        } | ({"run_networks": list(self.run_networks)} if self.run_networks else {})
+        return (
+            {
+                "checkpoint": str(self.path),
+                "kind": self.kind,
+                "network": self.network,
+                "leader": self.leader,
+                "num_students": self.num_students,
+                "num_classes": self.num_classes,
+                "epoch": self.epoch,
+                "recorded_model": self.recorded_model,
+            }
+            | ({"run_networks": list(self.run_networks)} if self.run_networks else {})
+            | ({"nonfinite_weights": list(self.nonfinite)} if self.nonfinite else {})
+        )
 
     def describe(self) -> str:
         """A few lines saying what the file is and what was inferred from it."""
@@ -142,8 +162,9 @@ def check_network_choice(network: str, key: str) -> None:
     """
     if not isinstance(network, str) or not NETWORK_PATTERN.match(network):
         raise ConfigError(
-            f"{key}={network!r} is not valid; choose one of: auto, leader, student<i> (FFSD), "
-            "net<k> (independent, DML, KDCL), branch<k>, peer<k>"
+            f"{key}={network!r} is not valid; choose one of: auto, all (every network of a run "
+            "state), leader, student<i> (FFSD), net<k> (independent, DML, KDCL), branch<k> (ONE, "
+            "CL-ILR), peer<k> (OKDDip, PCL), ema_peer<k> (PCL)"
         )
 
 
@@ -262,6 +283,12 @@ def read_network_checkpoint(path: str | Path, network: str = "auto") -> NetworkC
     """
     path = Path(path)
     check_network_choice(network, "task.network")
+    if network == "all":
+        raise ConfigError(
+            "task.network='all' evaluates every network of a run state "
+            f"(<run>/checkpoints/last.pt) with task=eval; {path} is read one network at a time "
+            "here: use task.network=auto or a network it holds"
+        )
     blob = safe_load(path)
     notes: list[str] = []
     if isinstance(blob, Mapping) and blob.get("format") == STATE_FORMAT:
@@ -303,10 +330,12 @@ def read_network_checkpoint(path: str | Path, network: str = "auto") -> NetworkC
         found = f"student{index}"
     elif index is not None and NAMED_INDEX.match(index):
         found = index
+    elif index == "leader":
+        # A leader without FFSD's trans-fusion head is a plain backbone: OKDDip's group leader.
+        found = "leader"
+        notes.append("index 'leader' without a trans-fusion head: a plain network (OKDDip's)")
     else:
         found = "unknown"
-    if index == "leader" and not leader:
-        notes.append("the file says index 'leader' but has no trans-fusion head")
     return NetworkCheckpoint(
         path=path,
         kind=kind,

@@ -12,6 +12,7 @@ Implementations: :class:`NullTracker` (``logger=none``) and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,15 @@ from omegaconf import DictConfig
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before any training, with the ways out."""
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """A run already in a tracking store: where it is and its id (a run directory records it)."""
+
+    uri: str | None
+    experiment: str | None
+    run_id: str
 
 
 class Tracker:
@@ -31,8 +41,16 @@ class Tracker:
     def prepare(self, cfg: DictConfig) -> None:
         """In the launching process, before the jobs of a sweep start; ``cfg``: one job's config."""
 
-    def start(self, cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None) -> None:
-        """Open (or reopen) the run; ``cfg`` is the whole composed config."""
+    def start(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        resume_run_id: str | None = None,
+        parent: TrackedRun | None = None,
+    ) -> None:
+        """Open (or reopen) the run; ``cfg`` is the whole composed config. ``parent``: the run
+        this one belongs to (an evaluation of a tracked run's checkpoint), in whose store and
+        experiment it is created as a child run."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 

@@ -5,18 +5,29 @@ Where runs go (``conf/logger/mlflow.yaml``): ``logger.tracking_uri`` (by default
 the directory the job was launched from (``hydra.runtime.cwd``), ``outputs/mlflow.db``; runs in
 such a store keep their artifacts in ``mlartifacts/`` beside the file. A relative ``sqlite:///``
 URI is also taken relative to the launch directory, so a job that changes directory or runs on
-another node of a shared file system writes to the same store.
+another node of a shared file system writes to the same store. A store file that does not exist
+yet is created whole by one job while the others wait (:mod:`~ffsd.tracking.sqlite_store`).
+
+Names: the experiment is ``logger.experiment_name``, else ``ffsd/<preset or model-dataset>``,
+with a sweep's directory after it for the jobs of a sweep (:func:`default_experiment_name`): one
+experiment per sweep, apart from single runs. Experiments are created tagged as holding training
+runs (:data:`EXPERIMENT_KIND`). A sweep's job is named by its swept values, a single run by its
+setting, overrides and a time stamp with random digits (:func:`default_run_name`).
 
 A run holds:
 
-* params: the whole composed config, flattened to dotted keys (``distill.lambda_fusion``). A value
-  longer than MLflow accepts is logged as a pointer to the ``config/params_overflow.yaml``
-  artifact, which holds it whole; nothing is cut.
-* tags: ``ffsd.sweep_dir`` (absolute), ``ffsd.job_num``, ``ffsd.overrides`` (the job's Hydra
-  overrides, a JSON list), ``ffsd.git_commit`` (and MLflow's ``mlflow.source.git.commit``),
-  ``ffsd.git_dirty``, ``ffsd.hostname``, ``ffsd.slurm_job_id`` (and ``ffsd.slurm_array``),
-  ``ffsd.world_size``, ``ffsd.run_dir``, ``ffsd.launch_dir``, ``ffsd.preset``; a resumed run adds
-  ``ffsd.resume_count`` and ``ffsd.resume.<n>`` (host, SLURM job and commit of each resume).
+* params: the whole composed config, flattened to dotted keys (``distill.lambda_fusion``), less
+  its per-run paths (:func:`run_path_keys`). A value longer than MLflow accepts is logged as a
+  pointer to the ``config/params_overflow.yaml`` artifact, which holds it whole; nothing is cut.
+* tags: the per-run paths under their config keys (``trainer.output_dir``), ``ffsd.sweep_dir``
+  (absolute), ``ffsd.job_num``, ``ffsd.overrides`` (the job's Hydra overrides, a JSON list),
+  ``ffsd.choices`` (each group's option), ``ffsd.task``, ``ffsd.git_commit`` (and MLflow's
+  ``mlflow.source.git.commit``), ``ffsd.git_dirty``, ``ffsd.hostname``, ``ffsd.slurm_job_id``
+  (and ``ffsd.slurm_array``), ``ffsd.world_size``, ``ffsd.run_dir``, ``ffsd.launch_dir``,
+  ``ffsd.preset``; a resumed run adds ``ffsd.resume_count`` and ``ffsd.resume.<n>`` (host,
+  SLURM job and commit of each resume); a run started with a ``parent`` (an evaluation of a
+  tracked run's checkpoint) is created in the parent's store and experiment with
+  ``mlflow.parentRunId``.
 * metrics: the engine's record of every epoch with ``step=epoch``, then the summary
   (``best/<net>/top<k>``, ``best_epoch/<net>/top<k>``, ``final/<net>/top<k>``).
 * artifacts: ``config/`` (config.yaml, overrides.yaml, hydra.yaml), ``environment/pip_freeze.txt``,
@@ -47,6 +58,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import time
 import urllib.error
 import urllib.request
@@ -71,8 +83,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ffsd.config import ConfigError
 from ffsd.tracking import provenance
-from ffsd.tracking.base import Tracker, TrackingError
+from ffsd.tracking.base import TrackedRun, Tracker, TrackingError
 from ffsd.tracking.sender import Record, Sender
+from ffsd.tracking.sqlite_store import ensure_sqlite_store
 
 log = logging.getLogger("ffsd")
 
@@ -93,6 +106,9 @@ HTTP_SETTINGS = {
 }
 #: The sender's delay between tries of a failing record: doubling from the first to the last.
 RETRY_DELAYS_S = (1.0, 30.0)
+#: The tag MLflow 3's UI reads to open an experiment on its training runs rather than on its
+#: GenAI (traces) view, which hides them.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 # -- where runs go ---------------------------------------------------------------------------
@@ -124,13 +140,114 @@ def artifact_location(uri: str, experiment_name: str) -> str | None:
     return (db.parent / "mlartifacts" / safe).as_uri()
 
 
-def default_experiment_name(cfg: DictConfig, preset: str | None) -> str:
-    """``ffsd/<experiment preset>``, or ``ffsd/<model>-<dataset>`` without a preset."""
+def setting_name(cfg: DictConfig, preset: str | None) -> str:
+    """What a run trains, in a word: the experiment preset, else ``<model>-<dataset>``."""
     if preset:
-        return f"ffsd/{preset}"
+        return str(preset)
     model = OmegaConf.select(cfg, "model.name", default="model")
     dataset = OmegaConf.select(cfg, "dataset.name", default="data")
-    return f"ffsd/{model}-{dataset}"
+    return f"{model}-{dataset}"
+
+
+def default_experiment_name(cfg: DictConfig, job: provenance.HydraJob) -> str:
+    """``ffsd/<preset or model-dataset>``; a sweep's jobs add its directory, so that each sweep
+    is its own experiment (``ffsd/quickstart/multirun/2025-06-01/12-00-00``): the sweep directory
+    relative to the launch directory, or absolute when it lies elsewhere."""
+    name = f"ffsd/{setting_name(cfg, job.preset)}"
+    if job.sweep_dir is None:
+        return name
+    try:
+        where = job.sweep_dir.relative_to(job.launch_dir.resolve()).as_posix()
+    except ValueError:
+        where = job.sweep_dir.as_posix().lstrip("/")
+    return f"{name}/{where}"
+
+
+def _short(override: str) -> str:
+    # A path says little in a name and can be long: its last part (checkpoint=last.pt).
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{value.rstrip('/').rpartition('/')[2]}" if "/" in value else override
+
+
+def default_run_name(cfg: DictConfig, job: provenance.HydraJob, skip: set[str]) -> str:
+    """A single run's name: ``[task ]<preset or model-dataset>[ overrides] <MMDD-HHMMSS>-<hex>``.
+
+    The overrides are the job's command line less Hydra's keys, the keys in ``skip`` (per-run
+    paths) and the groups the first part names. The last four hex digits come from the
+    operating system (``secrets``), never from the ``random`` module that runs seed: MLflow's
+    own names do, so every run of a seed got the same one.
+    """
+    base = setting_name(cfg, job.preset)
+    named = {"task", *(("experiment",) if job.preset else ("model", "dataset"))}
+    kept = [
+        _short(o)
+        for o in job.overrides
+        if not (key := provenance.override_key(o)).startswith("hydra")
+        and key not in skip
+        and key not in named
+    ]
+    task = task_name(cfg, job)
+    stamp = f"{time.strftime('%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    head = f"{task} {base}" if task and task != "train" else base
+    middle = ",".join(kept)
+    room = MAX_ENTITY_KEY_LENGTH - len(head) - len(stamp) - 2
+    if len(middle) > room:
+        middle = middle[: max(room - 1, 0)] + "…"
+    return " ".join(p for p in (head, middle, stamp) if p)
+
+
+def task_name(cfg: DictConfig, job: provenance.HydraJob) -> str:
+    """``train``, ``eval``, ``export``: the task option, else the task module's name."""
+    task = job.choices.get("task") or str(OmegaConf.select(cfg, "task._target_", default=""))
+    return task.removesuffix(".run").rpartition(".")[2] if task.endswith(".run") else task
+
+
+def effective_choices(cfg: DictConfig, job: provenance.HydraJob) -> dict[str, str]:
+    """The option of each group, as run: Hydra's choices, with the model and dataset the config
+    holds (task=eval may have taken them from a checkpoint; an option's ``name`` is its own)."""
+    out = dict(job.choices)
+    for group in ("model", "dataset"):
+        name = OmegaConf.select(cfg, f"{group}.name", default=None)
+        if name is not None:
+            out[group] = str(name)
+    return out
+
+
+def _raw_leaves(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """Every leaf's value as written (interpolations unresolved)."""
+    out: dict[str, Any] = {}
+    for key in cfg:
+        node = cfg._get_node(key)
+        name = f"{prefix}{key}"
+        if isinstance(node, DictConfig):
+            out |= _raw_leaves(node, f"{name}.")
+        else:
+            out[name] = node._value()
+    return out
+
+
+def run_path_keys(cfg: DictConfig, flat: dict[str, str], named: Iterable[str]) -> set[str]:
+    """The config keys that are per-run paths: ``named`` (``logger.path_keys``), every key whose
+    value comes from ``${hydra:runtime...}`` or ``${hydra:job...}``, and every key whose value is
+    one of those paths or lies under one (``task.output_dir: ${trainer.output_dir}``)."""
+    keys = {k for k in named if k in flat}
+    for key, raw in _raw_leaves(cfg).items():
+        if isinstance(raw, str) and ("${hydra:runtime" in raw or "${hydra:job" in raw):
+            keys.add(key)
+    roots = {flat[k].rstrip("/") for k in keys if flat[k] not in ("", "null")}
+    for key, value in flat.items():
+        if value.rstrip("/") in roots or any(value.startswith(r + "/") for r in roots):
+            keys.add(key)
+    return keys
+
+
+def read_run_record(run_dir: Path) -> TrackedRun | None:
+    """The run a run directory's :data:`RUN_RECORD` names, if it has a readable one."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_RECORD).read_text())
+        return TrackedRun(record["tracking_uri"], record["experiment"], str(record["run_id"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def unreachable(uri: str, reason: object, what: str = "is not reachable") -> TrackingError:
@@ -175,6 +292,25 @@ def check_reachable(uri: str, timeout_s: float) -> None:
             raise unreachable(uri, err) from err
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` as the engine replaces its files: a temporary file beside it
+    (the user's umask), fsync, rename, so that a reader or a killed job never sees half of it.
+
+    ``ffsd.training.checkpoint.atomic_write_text`` does the same; tracking may not import the
+    training layer.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def get_or_create_experiment(
     client: MlflowClient, name: str, location: str | None, attempts: int = 5
 ) -> str:
@@ -190,11 +326,14 @@ def get_or_create_experiment(
                 )
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=location)
+            exp_id = client.create_experiment(name, artifact_location=location)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             time.sleep(0.1 * (attempt + 1))  # another job created it: read it back
+            continue
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+        return exp_id
     raise TrackingError(f"could not create or read MLflow experiment {name!r}")
 
 
@@ -302,6 +441,7 @@ class MLflowTracker(Tracker):
         connect_timeout_s: float = 10.0,
         on_missing_run: str = "error",
         flush_timeout_s: float = 60.0,
+        path_keys: Iterable[str] = ("trainer.output_dir",),
     ) -> None:
         if on_missing_run not in ON_MISSING_RUN:
             raise ConfigError(
@@ -326,21 +466,36 @@ class MLflowTracker(Tracker):
         self.connect_timeout_s = float(connect_timeout_s)
         self.on_missing_run = on_missing_run
         self.flush_timeout_s = float(flush_timeout_s)
+        if isinstance(path_keys, str) or not all(isinstance(k, str) for k in path_keys):
+            raise ConfigError(
+                f"logger.path_keys={path_keys!r} must be a list of config keys, e.g. "
+                "[trainer.output_dir]"
+            )
+        self.path_keys = tuple(path_keys)
         self.run_id: str | None = None
         self.uri: str | None = None
         self.experiment: str | None = None
         self.client: MlflowClient | None = None
         self.run_dir: Path | None = None
         self.job: provenance.HydraJob | None = None
+        self.parent: TrackedRun | None = None
+        #: The per-run paths of the config (:func:`run_path_keys`), logged as tags.
+        self.paths: dict[str, str] = {}
         self._sender: Sender | None = None
 
     # -- set-up, in the launching process and in the job ------------------------------------
     def _connect(self, cfg: DictConfig) -> MlflowClient:
         self.job = job = provenance.hydra_job(cfg)
         self.uri = resolve_tracking_uri(self.tracking_uri, self.store, job.launch_dir)
-        self.experiment = str(self.experiment_name or default_experiment_name(cfg, job.preset))
+        self.experiment = str(self.experiment_name or default_experiment_name(cfg, job))
         bound_http_calls(self.uri)
         check_reachable(self.uri, self.connect_timeout_s)
+        db = sqlite_path(self.uri)
+        if db is not None:
+            try:
+                ensure_sqlite_store(db)
+            except Exception as err:  # sqlite3, SQLAlchemy, alembic or the file system
+                raise unreachable(self.uri, err, "could not be created") from err
         return MlflowClient(tracking_uri=self.uri)
 
     def _experiment_id(self, client: MlflowClient) -> str:
@@ -362,12 +517,23 @@ class MLflowTracker(Tracker):
         _PREPARED.add(key)
         log.info("MLflow experiment %r ready in %s", self.experiment, self.uri)
 
-    def start(self, cfg: DictConfig, run_dir: Path, resume_run_id: str | None = None) -> None:
+    def start(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        resume_run_id: str | None = None,
+        parent: TrackedRun | None = None,
+    ) -> None:
+        if parent is not None:  # a child run lives in its parent's store and experiment
+            self.tracking_uri, self.experiment_name = parent.uri, parent.experiment
+        self.parent = parent
         self.client = client = self._connect(cfg)
         self._sender = Sender(self.uri, *RETRY_DELAYS_S, permanent=refused)
         self.run_dir = Path(run_dir)
         job = self.job
         flat = flatten_config(cfg)
+        paths = run_path_keys(cfg, flat, self.path_keys)
+        self.paths = {k: flat.pop(k) for k in sorted(paths)}  # tags, not params
         try:
             run = client.get_run(resume_run_id) if resume_run_id else None
         except MlflowException as err:
@@ -404,16 +570,16 @@ class MLflowTracker(Tracker):
         # report runs later; this file says where this job's run really is.
         assert self.run_dir is not None
         record = {"tracking_uri": self.uri, "experiment": self.experiment, "run_id": self.run_id}
-        (self.run_dir / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        write_whole(self.run_dir / RUN_RECORD, json.dumps(record, indent=1) + "\n")
 
     def _create_run(
         self, client: MlflowClient, cfg: DictConfig, flat: dict[str, str], job: Any
     ) -> None:
         exp_id = self._experiment_id(client)
-        name = self.run_name or ",".join(job.swept_overrides()) or None
-        if name and len(name) > MAX_ENTITY_KEY_LENGTH:
-            name = None  # MLflow picks one; the overrides are in a tag and an artifact
-        tags = self._run_tags(job)
+        name = self.run_name or ",".join(job.swept_overrides())
+        if not name or len(name) > MAX_ENTITY_KEY_LENGTH:
+            name = default_run_name(cfg, job, set(self.paths))
+        tags = self._run_tags(cfg, job)
         run = client.create_run(exp_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
         params, overflow = split_params(flat)
@@ -433,6 +599,7 @@ class MLflowTracker(Tracker):
         self._log_params(client, new, overflow)
         here = provenance.machine() | {"git_commit": provenance.git_state()[0]}
         tags = {"ffsd.resume_count": str(n), f"ffsd.resume.{n}": json.dumps(here)}
+        tags |= {k: _fit_tag(v, "config/config.yaml") for k, v in self.paths.items()}
         if changed:
             # MLflow params cannot change; the new values are kept beside the old ones.
             artifact = f"config/resume_{n}/changed_params.yaml"
@@ -449,7 +616,7 @@ class MLflowTracker(Tracker):
         client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self._log_start_artifacts(client, cfg, self.job, prefix=f"config/resume_{n}")
 
-    def _run_tags(self, job: Any) -> dict[str, str]:
+    def _run_tags(self, cfg: DictConfig, job: Any) -> dict[str, str]:
         commit, dirty = provenance.git_state()
         tags = {
             "ffsd.overrides": _fit_tag(json.dumps(job.overrides), "config/overrides.yaml"),
@@ -459,7 +626,13 @@ class MLflowTracker(Tracker):
             "ffsd.world_size": str(provenance.world_size()),
             "ffsd.run_dir": str(self.run_dir.resolve()),
             "ffsd.launch_dir": str(job.launch_dir),
+            "ffsd.task": task_name(cfg, job),
+            "ffsd.choices": _fit_tag(json.dumps(effective_choices(cfg, job)), "config/hydra.yaml"),
         }
+        # Per-run paths: tags, so that MLflow's compare view shows only settings that differ.
+        tags |= {k: _fit_tag(v, "config/config.yaml") for k, v in self.paths.items()}
+        if self.parent is not None:  # MLflow nests the run under the one it belongs to
+            tags["mlflow.parentRunId"] = self.parent.run_id
         tags |= {f"ffsd.{k}": v for k, v in provenance.machine().items()}
         if job.sweep_dir is not None:
             tags["ffsd.sweep_dir"] = str(job.sweep_dir)

@@ -37,6 +37,8 @@ class HydraJob:
     output_dir: Path | None = None
     job_name: str | None = None
     preset: str | None = None
+    #: ``hydra.runtime.choices`` without Hydra's own groups: the option picked in each group.
+    choices: dict[str, str] = field(default_factory=dict)
 
     def swept_overrides(self) -> list[str]:
         """This job's overrides of the keys its sweep varies (``distill.lambda_fusion=10``)."""
@@ -66,6 +68,7 @@ def hydra_job(cfg: DictConfig | None = None) -> HydraJob:
         sweep_dir = (launch_dir / str(sweep)).resolve() if sweep else None
     num = OmegaConf.select(node, "job.num", default=None)
     out = OmegaConf.select(node, "runtime.output_dir", default=None)
+    choices = OmegaConf.select(node, "runtime.choices", default=None) or {}
     return HydraJob(
         launch_dir=launch_dir,
         sweep_dir=sweep_dir,
@@ -75,6 +78,11 @@ def hydra_job(cfg: DictConfig | None = None) -> HydraJob:
         output_dir=Path(out) if out else None,
         job_name=OmegaConf.select(node, "job.name", default=None),
         preset=OmegaConf.select(node, "runtime.choices.experiment", default=None),
+        choices={
+            str(k): str(v)
+            for k, v in choices.items()
+            if v is not None and not str(k).startswith("hydra")
+        },
     )
 
 

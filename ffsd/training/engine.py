@@ -13,6 +13,11 @@ Files in the run directory (``trainer.output_dir``):
   (``OnlineMethod.deploy_name``; FFSD: ``model_leader_best.pth``), in the release's format.
 * ``metrics.jsonl``: one JSON object per epoch (train means, test metrics, learning rates, time).
 * ``summary.json``: best and final accuracies, written at the end.
+* ``.run.lock``: locked by the main process for the whole run (``ffsd.training.run_lock``), so a
+  second live job given the same directory is refused; at the start, holding it, the temporary
+  files of writes that a kill interrupted are removed.
+
+Every file is replaced atomically (``ffsd.training.checkpoint``: temporary file, fsync, rename).
 
 Several processes (``ffsd.training.distributed``): each rank trains on its shard of every epoch, and
 per-step terms and evaluation counts are summed over ranks before they are read, so logged
@@ -42,7 +47,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -57,9 +65,13 @@ from ffsd.tracking.base import NullTracker, Tracker
 from ffsd.training import checkpoint as ckpt
 from ffsd.training.distributed import SINGLE, DistContext
 from ffsd.training.preemption import Interrupted, PreemptionGuard, stop_signals
+from ffsd.training.run_lock import RunDirBusy, RunDirLock, hold_run_dir
 from ffsd.training.runtime import rng_state, set_rng_state
 
 log = logging.getLogger("ffsd")
+
+#: The run's config beside its checkpoints (read by task=eval and task=export).
+RUN_CONFIG = "config.yaml"
 
 
 class TrainingDiverged(RuntimeError):
@@ -487,10 +499,8 @@ class Trainer:
                 vals = means.read(since_last=True)
                 bad = first_nonfinite(vals)
                 rate = seen / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(
-                    {k.replace("/", " "): f"{vals[k]:.3g}" for k in shown if k in vals}
-                    | {"img/s": f"{rate * self.dist.world_size:.0f}"},
-                    refresh=False,
+                bar.set_postfix_str(
+                    progress_postfix(vals, shown, rate * self.dist.world_size), refresh=False
                 )
             sig, diverged = self.agree(collective=at_log, diverged=bad is not None)
             if diverged:
@@ -539,12 +549,44 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        """The whole run, from the start or from ``last.pt``, holding the run directory."""
+        lock = self._hold_run_dir()
+        try:
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _hold_run_dir(self) -> RunDirLock | None:
+        """Rank 0 locks the run directory before reading anything in it; every rank stops if
+        another live job holds it. Holding it, no one else writes there: the temporary files a
+        killed write left can go."""
+        lock, busy = None, None
+        if self.dist.is_main:
+            try:
+                lock = hold_run_dir(self.run_dir)
+            except RunDirBusy as err:
+                busy = str(err)
+        busy = self.dist.broadcast_object(busy)
+        if busy is not None:
+            raise RunDirBusy(busy)
+        if lock is not None:
+            for path in ckpt.remove_stale_temporaries(self.run_dir, self.ckpt_dir):
+                log.info("removed %s, left by a write that was killed", path)
+        return lock
+
+    def _fit(self) -> dict[str, Any]:
         self.resumed_run_id: str | None = None
         self.maybe_resume()
         epochs = int(self.t.epochs)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.tracker.start(self.cfg, self.run_dir, resume_run_id=self.resumed_run_id)
+            # Beside last.pt and the best network: task=eval and task=export read the model and
+            # dataset from it, so the file alone is enough to evaluate (resolve=False, as last.pt).
+            ckpt.atomic_write_text(
+                OmegaConf.to_yaml(self.cfg, resolve=False), self.ckpt_dir / RUN_CONFIG
+            )
         status = "FAILED"
         try:
             with self.guard:
@@ -568,9 +610,29 @@ class Trainer:
         if self.dist.is_main:
             ckpt.atomic_write_text(_dumps(summary, indent=2), self.run_dir / "summary.json")
             print(format_summary(summary))
+            print(self.where_saved(summary))
             self.tracker.log_summary(summary_metrics(summary))
             self._finish("FINISHED")
         return summary
+
+    def where_saved(self, summary: dict[str, Any]) -> str:
+        """The run's last lines: where the best network and ``last.pt`` are, and the command that
+        evaluates the best (its model and dataset travel with it: no other argument needed)."""
+        name, best = self.method.deploy_name, summary["best"]
+        best_path = (self.ckpt_dir / f"model_{name}_best.pth").resolve()
+        lines = []
+        if best_path.is_file():
+            lines.append(
+                f"best {name}: {best_path} (epoch {best['epoch']}, test/{best['metric']} "
+                f"{_pct(best['value'])} %)"
+            )
+        lines.append(f"run state (every network; resumes the run): {self.last_path.resolve()}")
+        target = best_path if best_path.is_file() else self.last_path.resolve()
+        lines.append(
+            f"evaluate: python {shlex.quote(launcher())} task=eval "
+            f"checkpoint={shlex.quote(str(target))}"
+        )
+        return "\n".join(lines)
 
     def run_epoch(self, epoch: int, evaluate: bool = True) -> dict[str, Any]:
         start = time.perf_counter()
@@ -670,16 +732,41 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+#: Metrics in percent: training-batch accuracies (``train/leader/acc``) and test top-k.
+PERCENT = re.compile(r"(^|/)(acc|top\d+)$")
+
+
+def with_unit(key: str, value: float, digits: int = 4) -> str:
+    """``value`` of metric ``key`` with its unit after it: ``95.31 %`` for an accuracy."""
+    return f"{value:.{digits}g} %" if PERCENT.search(key) else f"{value:.{digits}g}"
+
+
+def progress_postfix(values: dict[str, float], shown: list[str], img_s: float) -> str:
+    """The progress bar's text: the shown terms under their metric names (``train/leader/acc``:
+    the accuracy on the augmented training batches since the last refresh), then images/s."""
+    parts = [f"train/{k} {with_unit(k, values[k], 3)}" for k in shown if k in values]
+    return ", ".join([*parts, f"{img_s:.0f} img/s"])
+
+
 def epoch_line(record: dict[str, Any], method: OnlineMethod, epochs: int) -> str:
-    """One log line per epoch: the method's first progress term, its primary and epoch metrics."""
+    """One log line per epoch: the method's first progress term (on the training batches), its
+    primary and epoch metrics (on the test split), each under its metric name, units after the
+    numbers: ``epoch 3/8 | train/leader/loss 0.41 | test/leader/top1 95.3 % | ... | 812 img/s``.
+    """
     parts = [f"epoch {record['epoch']}/{epochs}"]
-    keys = [(f"train/{t}", t.replace("/", " ")) for t in method.progress_terms[:1]]
-    keys += [(f"test/{m}", m) for m in (method.primary_metric, *method.epoch_metrics)]
-    keys += [("throughput/train_img_s", "img/s"), ("time/epoch_s", "s")]
-    for key, label in keys:
-        if key in record:
-            parts.append(f"{label} {record[key]:.4g}")
+    keys = [f"train/{t}" for t in method.progress_terms[:1]]
+    keys += [f"test/{m}" for m in (method.primary_metric, *method.epoch_metrics)]
+    parts += [f"{key} {with_unit(key, record[key])}" for key in keys if key in record]
+    units = (("throughput/train_img_s", "img/s", ".0f"), ("time/epoch_s", "s", ".3g"))
+    parts += [f"{record[k]:{fmt}} {unit}" for k, unit, fmt in units if k in record]
     return " | ".join(parts)
+
+
+def launcher() -> str:
+    """The entry point as this process was started (``launch.py``, a path to it), for the
+    command lines it prints."""
+    started = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    return str(started) if started is not None and started.name == "launch.py" else "launch.py"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
