@@ -1,9 +1,12 @@
-"""distill=independent, dml and kdcl end to end, as FFSD is tested: through ``launch.py``, in a
-2-process torchrun run, preempted mid-epoch and resumed, through ``task=eval``/``task=export``, in
-the method sweep with its report, and refused at the command line.
+"""Every comparison method end to end, as FFSD is tested: through ``launch.py``, in a 2-process
+torchrun run, preempted mid-epoch and resumed, through ``task=eval``/``task=export`` (one network,
+and ``task.network=all`` for every network, ensemble and teacher), in the method sweep with its
+report, and refused at the command line. The K-network methods (independent, DML, KDCL) and the
+multi-branch ones (ONE, CL-ILR, OKDDip, PCL) go through the same tests: what differs, the names of
+the networks and of the deployed one, is read from :data:`NETWORKS`.
 
 Every run is tiny (64 or 16 images, 2 epochs). The runs of different methods are independent
-processes, so each fixture starts the three methods' processes at once: on 2 cores that roughly
+processes, so each fixture starts every method's process at once: on 2 cores that roughly
 halves the wall time (a process's start-up, importing torch, is a large part of each).
 The resumed runs train on a tiny CIFAR-100 (its crop and flip augmentation draws from the random
 streams the resume must restore; KDCL draws one augmentation per network and view).
@@ -37,10 +40,33 @@ from ffsd.training.checkpoint import CheckpointError, safe_load
 from .checkpoints import run_task
 from .conftest import ROOT, TINY_RUN, make_cfg, run_launch, write_tiny_cifar100
 from .test_distributed import TINY as DIST_TINY
-from .test_distributed import finish, start_torchrun, states_of
+from .test_distributed import finish, start_torchrun
 from .test_resume import assert_same_run, wait_for_batch
 
-METHODS = ("independent", "dml", "kdcl")
+#: Each method's evaluated networks (``OnlineMethod.networks``), the deployed one first.
+NETWORKS = {
+    "independent": ("net0", "net1"),
+    "dml": ("net0", "net1"),
+    "kdcl": ("net0", "net1"),
+    "one": ("branch0", "branch1", "branch2"),
+    "cl_ilr": ("branch0", "branch1", "branch2", "branch3"),
+    "okddip": ("leader", "peer0", "peer1", "peer2"),
+    "pcl": ("ema_peer0", "ema_peer1", "ema_peer2", "peer0", "peer1", "peer2"),
+}
+METHODS = tuple(NETWORKS)
+#: The metrics every method logs beside each network's: its ensemble, and its teacher if any.
+EXTRA = {"one": ("teacher",), "pcl": ("teacher", "ema_ensemble"), "okddip": ("ensemble_all",)}
+
+
+def deploy_of(method: str) -> str:
+    return NETWORKS[method][0]
+
+
+def other_of(method: str) -> str:
+    """A network of the run state that is not the deployed one."""
+    return NETWORKS[method][1]
+
+
 #: Batches of 4 per epoch in the single-process runs (64 training images).
 BATCHES = 16
 #: task=export's own tolerance (conf/task/export.yaml): atol + rtol * |eager logit|.
@@ -67,6 +93,7 @@ def tiny(cifar: Path, method: str, pipeline: str = "tensor") -> tuple[str, ...]:
         f"distill={method}",
         "dataset=cifar100",
         f"dataset.root={cifar}",
+        "dataset.verify_checksums=false",  # tiny files, not the official ones
         f"dataset.pipeline={pipeline}",
         "dataset.loader.num_workers=0",  # exact mid-epoch replay (ffsd.training.engine)
         "model=resnet20",
@@ -119,6 +146,10 @@ def launched(tmp_path_factory, cifar) -> dict[str, tuple[Path, subprocess.Comple
     return dict(zip(METHODS, concurrently(*(partial(launch, m) for m in METHODS))))
 
 
+def release_name(network: str) -> str:
+    return f"model_{network}_best.pth"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_launch_trains_and_keeps_the_deploy_network(launched, method):
@@ -130,26 +161,24 @@ def test_launch_trains_and_keeps_the_deploy_network(launched, method):
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [1, 2]
     assert history[1]["lr/networks"] < history[0]["lr/networks"]  # milestone 1
+    deploy = deploy_of(method)
     for r in history:
-        for key in ("test/net0/top1", "test/net1/top1", "test/ensemble/top1", "test/deploy/top1"):
-            assert key in r, key
-        assert r["test/deploy/top1"] == r["test/net0/top1"]  # distill.deploy=0
-        assert r["test/net_mean/top1"] == pytest.approx(
-            (r["test/net0/top1"] + r["test/net1/top1"]) / 2
-        )
+        for name in (*NETWORKS[method], "ensemble", "deploy", *EXTRA.get(method, ())):
+            assert f"test/{name}/top1" in r, name
+        assert r["test/deploy/top1"] == r[f"test/{deploy}/top1"]  # distill.deploy=0
     best = max(r["test/deploy/top1"] for r in history)
     assert summary["best"]["value"] == best == summary["metrics"]["deploy/top1"]["best"]
     # the best deploy network in the release's format, named by the method's network
-    release = safe_load(run_dir / "checkpoints" / "model_net0_best.pth")
-    assert release["index"] == "net0" and release["cfg"] == "resnet20"
+    release = safe_load(run_dir / "checkpoints" / f"model_{deploy}_best.pth")
+    assert release["index"] == deploy and release["cfg"] == "resnet20"
     assert release["epoch"] == summary["best"]["epoch"]
-    assert not list((run_dir / "checkpoints").glob("model_leader*"))
+    M.resnet20(num_classes=100).load_state_dict(release["weight"])  # the plain backbone's names
+    assert [p.name for p in (run_dir / "checkpoints").glob("model_*")] == [release_name(deploy)]
     # the run state lists its networks for task=eval/export
     state = safe_load(run_dir / "checkpoints" / "last.pt")
     assert state["epoch"] == 2 and state["partial"] is None
-    assert state["method"]["networks"] == {"net0": "nets.nets.0.", "net1": "nets.nets.1."}
-    assert state["method"]["deploy"] == "net0"
-    assert state["method"]["num_networks"] == 2
+    assert sorted(state["method"]["networks"]) == sorted(NETWORKS[method])
+    assert state["method"]["deploy"] == deploy
     assert "Test accuracy (%) over 2 epochs; best deploy/top1" in res.stdout
 
 
@@ -168,21 +197,24 @@ def ddp_runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("method", METHODS)
 def test_torchrun_ranks_end_with_identical_networks(ddp_runs, method):
     run = ddp_runs[method]
-    states = states_of(run)
+    ranks = [torch.load(run / f"rank{r}_state.pt", weights_only=True) for r in (0, 1)]
     last = safe_load(run / "checkpoints" / "last.pt")
     assert last["fingerprint"]["world_size"] == 2
-    nets = last["method"]["modules"]["nets"]
-    assert set(states[0]) == set(states[1]) == set(nets)
-    for k in nets:  # parameters and BatchNorm buffers, bit for bit
-        torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=0, msg=k)
-        torch.testing.assert_close(states[0][k], nets[k], rtol=0, atol=0, msg=k)
+    modules = last["method"]["modules"]
+    assert set(ranks[0]) == set(ranks[1]) == set(modules)
+    for name, saved in modules.items():  # parameters and BatchNorm buffers, bit for bit
+        assert set(ranks[0][name]) == set(ranks[1][name]) == set(saved)
+        for k in saved:
+            torch.testing.assert_close(ranks[0][name][k], ranks[1][name][k], rtol=0, atol=0)
+            torch.testing.assert_close(ranks[0][name][k], saved[k], rtol=0, atol=0, msg=k)
     # every network trained: its classifier moved away from this seed's initialisation
     torch.manual_seed(0)
-    fresh = ffsd.build_method(make_cfg(*DIST_TINY, f"distill={method}"), 10, "cpu")
-    fresh_state = fresh.nets.state_dict()
-    for k in range(2):
-        key = f"nets.{k}.fc.weight"
-        assert not torch.equal(fresh_state[key], nets[key]), key
+    fresh = ffsd.build_method(make_cfg(*DIST_TINY, f"distill={method}"), 10, "cpu").state_dict()
+    for network, where in last["method"]["networks"].items():
+        module, _, prefix = where.partition(".")
+        key = f"{prefix}fc.weight"
+        moved = fresh["modules"][module][key] != modules[module][key]
+        assert bool(moved.any()), (network, key)
     history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2] and "test/deploy/top1" in history[-1]
 
@@ -249,6 +281,7 @@ def task_cfg(cifar: Path, out: Path, task: str, checkpoint: Path, *overrides: st
         f"task={task}",
         f"checkpoint={checkpoint}",
         f"trainer.output_dir={out}",
+        f"task.output_dir={out}",
         "trainer.progress=false",
         *overrides,
     )
@@ -267,11 +300,13 @@ def test_eval_equals_the_runs_own_evaluation(launched, cifar, tmp_path, method):
     run_dir, _ = launched[method]
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     best_epoch = json.loads((run_dir / "summary.json").read_text())["best"]["epoch"]
+    deploy, other = deploy_of(method), other_of(method)
+    last = run_dir / "checkpoints" / "last.pt"
     cases = (
         # (file, task.network, network read, epoch whose record it must equal, kind)
-        (run_dir / "checkpoints" / "model_net0_best.pth", "auto", "net0", best_epoch, "release"),
-        (run_dir / "checkpoints" / "last.pt", "net1", "net1", 2, "run-state"),
-        (run_dir / "checkpoints" / "last.pt", "auto", "net0", 2, "run-state"),  # the deploy one
+        (run_dir / "checkpoints" / release_name(deploy), "auto", deploy, best_epoch, "release"),
+        (last, other, other, 2, "run-state"),
+        (last, "auto", deploy, 2, "run-state"),  # the deploy one
     )
     for i, (path, network, name, epoch, kind) in enumerate(cases):
         out = tmp_path / f"eval{i}"
@@ -285,6 +320,15 @@ def test_eval_equals_the_runs_own_evaluation(launched, cifar, tmp_path, method):
         inferred = got["inferred"]
         assert (inferred["kind"], inferred["network"], inferred["epoch"]) == (kind, name, epoch)
         assert inferred["leader"] is False and inferred["num_classes"] == 100
+    # every network, ensemble and teacher of the run state, as the run's last epoch logged them
+    out = tmp_path / "all"
+    top1 = run_task(task_cfg(cifar, out, "eval", last, "task.network=all"))
+    got = json.loads((out / "eval_all.json").read_text())
+    assert got["epoch"] == 2 and top1 == got["metrics"]["deploy/top1"]
+    logged = {k[5:]: v for k, v in history[-1].items() if k.startswith("test/")}
+    assert set(got["metrics"]) == set(logged)
+    for k, v in logged.items():
+        assert got["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
 
 @pytest.mark.slow
@@ -292,18 +336,20 @@ def test_eval_equals_the_runs_own_evaluation(launched, cifar, tmp_path, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_export_reproduces_the_network(launched, cifar, tmp_path, method):
     run_dir, _ = launched[method]
-    best = run_dir / "checkpoints" / "model_net0_best.pth"
+    deploy, other = deploy_of(method), other_of(method)
+    best = run_dir / "checkpoints" / release_name(deploy)
     last = run_dir / "checkpoints" / "last.pt"
+    module, _, prefix = safe_load(last)["method"]["networks"][other].partition(".")
     # The exporters see a plain backbone whatever the method; ONNX (~10 s an export) once.
     formats = ["torchscript", "onnx"] if method == "dml" else ["torchscript"]
     cases = (
-        (best, "auto", "net0", ["torchscript"], network_from_state(safe_load(best)["weight"])),
+        (best, "auto", deploy, ["torchscript"], network_from_state(safe_load(best)["weight"])),
         (
             last,
-            "net1",
-            "net1",
+            other,
+            other,
             formats,
-            network_from_state(safe_load(last)["method"]["modules"]["nets"], "nets.1."),
+            network_from_state(safe_load(last)["method"]["modules"][module], prefix),
         ),
     )
     x = torch.randn(3, 3, 32, 32)  # a batch size the export's own check never used
@@ -350,19 +396,21 @@ def test_a_network_the_file_does_not_hold_is_refused_with_the_ones_it_holds(
 ):
     run_dir, _ = launched[method]
     last = run_dir / "checkpoints" / "last.pt"
+    deploy, other = deploy_of(method), other_of(method)
+    holds = ", ".join(safe_load(last)["method"]["networks"])
     for task in ("eval", "export"):
-        for network in ("leader", "net5"):  # FFSD's deploy network; one more than it has
+        for network in ("student0", "net5"):  # FFSD's student; a network no method here has
             cfg = task_cfg(cifar, tmp_path / task, task, last, f"task.network={network}")
             with pytest.raises(CheckpointError) as err:
                 run_task(cfg)
             assert str(err.value) == (
                 f"{last} has no network {network!r} (task.network={network}); it holds: "
-                "net0, net1 (the deployed one: net0)"
+                f"{holds} (the deployed one: {deploy})"
             )
-    best = run_dir / "checkpoints" / "model_net0_best.pth"
-    cfg = task_cfg(cifar, tmp_path / "eval", "eval", best, "task.network=net1")
+    best = run_dir / "checkpoints" / release_name(deploy)
+    cfg = task_cfg(cifar, tmp_path / "eval", "eval", best, f"task.network={other}")
     with pytest.raises(
-        CheckpointError, match=r"holds one network, the net0, but task\.network=net1"
+        CheckpointError, match=rf"holds one network, the {deploy}, but task\.network={other}"
     ):
         run_task(cfg)
     assert not (tmp_path / "eval" / "eval.json").exists()
@@ -384,6 +432,7 @@ def test_launch_exits_1_naming_the_networks_a_run_state_holds(launched, cifar, t
             "model=resnet20",
             "dataset=cifar100",
             f"dataset.root={cifar}",
+            "dataset.verify_checksums=false",  # tiny files, not the official ones
             "trainer.device=cpu",
             "logger=none",
             f"hydra.run.dir={run_dir}",
@@ -439,14 +488,15 @@ def test_method_sweep_report_equals_the_logged_metrics_and_summaries(tmp_path):
         record = json.loads((job / "mlflow_run.json").read_text())
         assert record["tracking_uri"] == uri and record["experiment"] == "ffsd/methods"
         jobs[method] = (record["run_id"], json.loads((job / "summary.json").read_text()))
-    assert sorted(jobs) == sorted(["ffsd", "one", *METHODS])
+    assert sorted(jobs) == sorted(["ffsd", *METHODS])
 
     out = tmp_path / "report"
     assert report.main([str(sweep), "--out", str(out)]) == 0  # python -m ffsd.report
     md = (out / "report.md").read_text()
     assert "| method | deploy best | deploy final | ensemble best | runs |" in md
     rows = table_rows(md)
-    assert list(rows) == ["ffsd", "dml", "independent", "kdcl", "one"]  # FFSD first, then by name
+    # FFSD first, then by name
+    assert list(rows) == ["ffsd", "cl_ilr", "dml", "independent", "kdcl", "okddip", "one", "pcl"]
     client = MlflowClient(uri)
     for method, (run_id, summary) in jobs.items():
         run = client.get_run(run_id)
@@ -459,10 +509,9 @@ def test_method_sweep_report_equals_the_logged_metrics_and_summaries(tmp_path):
             values.append(f"{logged[metric]:.2f}")  # one seed: the value itself
         assert rows[method] == [*values, "1"], method
         # FFSD picks its best epoch by the leader, which is its deploy network
-        primary, deploy = {
-            "ffsd": ("leader/top1", "leader"),
-            "one": ("deploy/top1", "branch0"),
-        }.get(method, ("deploy/top1", "net0"))
+        primary, deploy = (
+            ("leader/top1", "leader") if method == "ffsd" else ("deploy/top1", deploy_of(method))
+        )
         assert summary["primary_metric"] == primary
         # the tracker uploads the method's own best deploy file
         uploaded = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
@@ -489,7 +538,7 @@ def test_bad_method_choices_and_options_stop_before_any_work(tmp_path):
     assert res.returncode == 1
     assert "Could not find 'distill/nosuch'" in res.stderr
     listed = res.stderr.split("Available options in 'distill':", 1)[1].split()
-    assert listed[:4] == ["dml", "ffsd", "independent", "kdcl"]
+    assert {"ffsd", *METHODS, "cl_ilr_flat"} <= set(listed)
     assert not (tmp_path / "nosuch").exists()  # composition failed: no run directory at all
 
     for name, message in (
@@ -504,8 +553,8 @@ def test_bad_method_choices_and_options_stop_before_any_work(tmp_path):
         assert res.returncode == 1, res.stderr[-3000:]
         assert "Traceback" not in res.stderr
         assert "ConfigError: invalid configuration:" in res.stderr and message in res.stderr
-        # Hydra's files only: nothing was trained, tracked or checkpointed
-        assert {p.name for p in (tmp_path / name).iterdir()} <= {".hydra", "launch.log"}
+        # nothing was trained, tracked or checkpointed: not even Hydra's run directory is left
+        assert not (tmp_path / name).exists()
     assert "choose one of: minlogit, mean, naive, linear" in results["general"].stderr
     assert "distill.num_networks=1" in results["dml1"].stderr
     assert not (tmp_path / "outputs").exists()  # no default MLflow store either

@@ -102,10 +102,12 @@ def records(run_dir: Path) -> list[dict]:
 def assert_same_run(a: Path, b: Path) -> None:
     sa, sb = safe_load(a / "checkpoints" / "last.pt"), safe_load(b / "checkpoints" / "last.pt")
     assert sa["partial"] is None and sb["partial"] is None
-    pa, pb = sa["method"]["modules"]["nets"], sb["method"]["modules"]["nets"]
-    assert set(pa) == set(pb)
-    for k in pa:
-        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0, msg=k)
+    assert set(sa["method"]["modules"]) == set(sb["method"]["modules"])
+    for module, pa in sa["method"]["modules"].items():  # every network, an EMA copy included
+        pb = sb["method"]["modules"][module]
+        assert set(pa) == set(pb)
+        for k in pa:
+            torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=0, msg=f"{module}.{k}")
     for name, opt in sa["method"]["optimizers"].items():
         for pid, st in opt["state"].items():
             for key, v in st.items():

@@ -33,7 +33,7 @@ SWEEPS = {
     },
     "num_students": {"distill.num_students": ["2", "3", "4"]},
     "methods": {
-        "distill": ["ffsd", "independent", "dml", "kdcl", "one"],
+        "distill": ["ffsd", "independent", "dml", "kdcl", "one", "cl_ilr", "okddip", "pcl"],
         "trainer.seed": ["0", "1", "2"],
     },
 }
@@ -153,7 +153,7 @@ def test_the_method_sweep_launches_every_method_with_every_seed(tmp_path):
     assert launched == [sorted(j) for j in sweep_job_overrides(sweep_config(*fixed))]
     pairs = sorted((as_dict(j)["distill"], as_dict(j)["trainer.seed"]) for j in launched)
     grid = SWEEPS["methods"]
-    assert len(launched) == 15
+    assert len(launched) == 24
     assert pairs == sorted(itertools.product(grid["distill"], grid["trainer.seed"]))
 
 
