@@ -8,12 +8,18 @@ Prints one JSON line per measurement, each with the options and the machine it r
   through the real data module (``--pipeline tensor``: batches cut and augmented as tensors on the
   device; ``dataloader``: torchvision's per-image PIL transforms in DataLoader workers), its
   overhead over the same number of steps on data in memory, and the pipeline's time alone.
-* ``--release-shaped``: the release's iteration (tests/test_method.py's reference) instead of
-  ffsd's, as a baseline on the same machine.
+* ``--release-checkout PATH``: the released code's own iteration (SJLeo/FFSD's
+  ``CIFARTrainer.train_with_test`` imported from a checkout of it, ``benchmarks/release.py``)
+  instead of ffsd's; ``--release-shaped``: without the released code, a stand-in for it
+  (tests/test_method.py's reference iteration on ffsd's networks), labelled as such.
+* ``"bench": "compare"`` (``--compare release,ffsd,ffsd+channels_last,...``): several iterations
+  in this one process, interleaved over ``--rounds``, with medians, spreads and ratios.
 
 Examples::
 
     python benchmarks/step.py --model resnet32 --batch-size 128
+    python benchmarks/step.py --release-checkout /tmp/ffsd-release --rounds 5 \
+        --compare release,ffsd,ffsd+channels_last,ffsd+bf16,ffsd+channels_last+bf16
     python benchmarks/step.py --model wrn40_2 --batch-size 64 --channels-last --epoch
     python benchmarks/step.py --model resnet32 --device cuda --precision bf16 --compile --epoch \
         --epoch-images 50000
@@ -71,46 +77,123 @@ def sync(device: torch.device) -> None:
 def compose(args: argparse.Namespace, dataset: str, extra: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.utils import get_class
 
-    # FFSD counts its students, ONE its branches, the K-network methods their networks.
-    count = {"ffsd": "num_students", "one": "num_branches"}.get(args.method, "num_networks")
     overrides = [
         f"model={args.model}",
         f"dataset={dataset}",
         f"distill={args.method}",
-        f"distill.{count}={args.students}",
         f"trainer.batch_size={args.batch_size}",
         "trainer.output_dir=/unused",
         *extra,
         *args.override,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+        cfg = hydra_compose("config", overrides=overrides)
+        # The key that counts the method's networks: FFSD's students, ONE's and CL-ILR's
+        # branches, OKDDip's and PCL's peers, the K-network methods' networks.
+        count = getattr(get_class(cfg.distill._target_), "count_key", "num_students")
+        return hydra_compose("config", overrides=[*overrides, f"distill.{count}={args.students}"])
 
 
-def build(args: argparse.Namespace, cfg, num_classes: int):
+def build(
+    args: argparse.Namespace,
+    cfg,
+    num_classes: int,
+    *,
+    channels_last: bool | None = None,
+    precision: str | None = None,
+    compile: bool | None = None,
+):
+    """The method with the speed options (``args``' unless given), as training applies them."""
     torch.manual_seed(0)
     method = ffsd.build_method(cfg, num_classes, args.device)
+    compile = args.compile if compile is None else compile
     applied = accelerate(
         method,
-        channels_last=args.channels_last,
-        precision=args.precision,
-        compile={"enabled": True, "mode": args.compile_mode} if args.compile else None,
+        channels_last=args.channels_last if channels_last is None else channels_last,
+        precision=precision or args.precision,
+        compile={
+            "enabled": True,
+            "mode": args.compile_mode,
+            "backend": getattr(args, "compile_backend", None),
+        }
+        if compile
+        else None,
     )
     return method, applied
 
 
-def bench_step(args: argparse.Namespace) -> dict:
-    cfg = compose(args, "synthetic", ["dataset.num_classes=100"])
-    method, applied = build(args, cfg, 100)
-    dev = method.device
+#: What each iteration is, as the output names it ("iteration") and says it is ("iteration_note").
+RELEASED = "released code"
+STAND_IN = "release-shaped stand-in"
+NOTES = {
+    RELEASED: "SJLeo/FFSD's CIFARTrainer.train_with_test, imported from --release-checkout",
+    STAND_IN: "tests/test_method.py's reference iteration on ffsd's networks; NOT the released "
+    "code (pass --release-checkout PATH to time that)",
+    "ffsd": "ffsd's method.step",
+}
+
+
+def release_commit(checkout: Path) -> str | None:
+    head = checkout / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            return (checkout / ".git" / ref[5:]).read_text().strip()
+        return ref
+    except OSError:
+        return None
+
+
+def step_input(args: argparse.Namespace, views: int, dev: torch.device):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(dev)
     y = torch.randint(100, (args.batch_size,), generator=g).to(dev)
-    if method.num_views > 1:  # one independently augmented view per network (KDCL)
-        x = torch.stack([x.roll(v, 0) for v in range(method.num_views)])
+    if views > 1:  # one independently augmented view per network (KDCL)
+        x = torch.stack([x.roll(v, 0) for v in range(views)])
+    return x, y
+
+
+def make_timer(args: argparse.Namespace, variant: str):
+    """``variant``'s step as ``time(n) -> [seconds of each of n steps]``, its options, its label.
+
+    ``release``: the released code with ``--release-checkout``, else the release-shaped
+    stand-in; ``ffsd``: ffsd's iteration with the command line's options; ``ffsd+OPT+...``:
+    ffsd's with exactly the options named (``channels_last``, ``bf16``, ``compile``).
+    """
+    cfg = compose(args, "synthetic", ["dataset.num_classes=100"])
+    if variant == "release" and args.release_checkout:
+        from benchmarks.release import released_steps
+
+        run = released_steps(
+            args.release_checkout,
+            model=args.model,
+            students=args.students,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+        x, y = step_input(args, 1, torch.device(args.device))
+        return (lambda n: run(x, y, n)), [], RELEASED
+    if variant == "ffsd" or variant == "release":
+        method, applied = build(args, cfg, 100)
+    else:
+        head, *opts = variant.split("+")
+        unknown = set(opts) - {"channels_last", "bf16", "compile"}
+        if head != "ffsd" or unknown:
+            raise SystemExit(f"--compare: unknown variant {variant!r}")
+        method, applied = build(
+            args,
+            cfg,
+            100,
+            channels_last="channels_last" in opts,
+            precision="bf16" if "bf16" in opts else "fp32",
+            compile="compile" in opts,
+        )
+    dev = method.device
+    x, y = step_input(args, method.num_views, dev)
     method.begin_epoch(6)
-    if args.release_shaped:
+    if variant == "release":
         # The release's iteration, as tests/test_method.py writes it to check ffsd against:
         # a backward and an optimizer step per loss, and a .item() per loss as its logging does.
         from tests.test_method import Reference
@@ -119,27 +202,40 @@ def bench_step(args: argparse.Namespace) -> dict:
 
         def step() -> dict:
             return {"loss": torch.tensor(reference.step(x, y, 6, read_losses=True))}
+
+        label = STAND_IN
     else:
 
         def step() -> dict:
             return method.step(x, y, 6)
 
-    for _ in range(args.warmup):
-        step()
-    sync(dev)
-    times = []
+        label = "ffsd"
+
+    def time_steps(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            terms = step()
+            sync(dev)
+            times.append(time.perf_counter() - t)
+        assert all(torch.isfinite(v).all() for v in terms.values())
+        return times
+
+    return time_steps, applied, label
+
+
+def bench_step(args: argparse.Namespace) -> dict:
+    variant = "release" if args.release_shaped or args.release_checkout else "ffsd"
+    time_steps, applied, label = make_timer(args, variant)
+    time_steps(args.warmup)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        terms = step()
-        sync(dev)
-        times.append(time.perf_counter() - t)
+    times = time_steps(args.steps)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    assert all(torch.isfinite(v).all() for v in terms.values())
     step_s = statistics.median(times)
     return {
         "bench": "step",
-        "iteration": "release-shaped" if args.release_shaped else "ffsd",
+        "iteration": label,
+        "iteration_note": NOTES[label],
         "images_per_s": args.batch_size / step_s,
         "ms_per_step": step_s * 1e3,
         # Host page faults: memory the step hands back to the kernel and touches again.
@@ -147,6 +243,49 @@ def bench_step(args: argparse.Namespace) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "applied": applied,
     }
+
+
+def bench_compare(args: argparse.Namespace) -> list[dict]:
+    """Every ``--compare`` variant in this process, interleaved (A B C A B C ...) over rounds.
+
+    Interleaving spreads a shared machine's changing load over all variants alike; each
+    variant's figure is the median of its steps over all rounds, its spread the range of its
+    per-round medians.
+    """
+    variants = [v.strip() for v in args.compare.split(",") if v.strip()]
+    timers = {}
+    for v in variants:
+        timers[v] = make_timer(args, v)
+        timers[v][0](args.warmup)
+    steps = {v: [] for v in variants}
+    rounds = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            times = timers[v][0](args.steps)
+            steps[v] += times
+            rounds[v].append(args.batch_size / statistics.median(times))
+    first = args.batch_size / statistics.median(steps[variants[0]])
+    out = []
+    for v in variants:
+        ips = args.batch_size / statistics.median(steps[v])
+        out.append(
+            {
+                "bench": "compare",
+                "variant": v,
+                "iteration": timers[v][2],
+                "iteration_note": NOTES[timers[v][2]],
+                "images_per_s": ips,
+                "ms_per_step": 1e3 * statistics.median(steps[v]),
+                "per_round_images_per_s": rounds[v],
+                "spread_images_per_s": [min(rounds[v]), max(rounds[v])],
+                f"ratio_to_{variants[0]}": ips / first,
+                "rounds": args.rounds,
+                "steps_per_round": args.steps,
+                "applied": timers[v][1],
+                "load_average": os.getloadavg(),
+            }
+        )
+    return out
 
 
 def write_cifar(root: Path, n_train: int) -> None:
@@ -182,6 +321,7 @@ def bench_epoch(args: argparse.Namespace) -> dict:
         write_cifar(Path(tmp), args.epoch_images)
         extra = [
             f"dataset.root={tmp}",
+            "dataset.verify_checksums=false",  # random files, not the official ones
             f"dataset.pipeline={args.pipeline}",
             f"dataset.loader.num_workers={args.workers}",
         ]
@@ -235,11 +375,13 @@ def bench_epoch(args: argparse.Namespace) -> dict:
             return time.perf_counter() - t
 
         # Alternated, so that drifts of the machine's speed hit both alike; medians reported.
+        # --epoch-only: the epochs alone (a slow baseline whose parts are not of interest).
+        only = getattr(args, "epoch_only", False)
         epochs, memory, alone = [], [], []
         for k in range(args.epoch_repeats):
             epochs.append(epoch(2 + k))
-            memory.append(in_memory())
-            alone.append(pipeline_alone(2 + k))
+            memory.append(0.0 if only else in_memory())
+            alone.append(0.0 if only else pipeline_alone(2 + k))
         epoch_s, memory_s, alone_s = map(statistics.median, (epochs, memory, alone))
     return {
         "bench": "epoch",
@@ -249,12 +391,12 @@ def bench_epoch(args: argparse.Namespace) -> dict:
         "repeats": args.epoch_repeats,
         "epoch_s": epoch_s,
         "images_per_s": args.epoch_images / epoch_s,
-        "in_memory_s": memory_s,
-        "pipeline_overhead_pct": 100.0 * (epoch_s - memory_s) / memory_s,
+        "in_memory_s": None if only else memory_s,
+        "pipeline_overhead_pct": None if only else 100.0 * (epoch_s - memory_s) / memory_s,
         # The pipeline's own time over the training steps': what it can add at most when
         # nothing overlaps it (0 workers, or the GPU-resident pipeline in the training stream).
-        "pipeline_alone_s": alone_s,
-        "pipeline_alone_pct": 100.0 * alone_s / memory_s,
+        "pipeline_alone_s": None if only else alone_s,
+        "pipeline_alone_pct": None if only else 100.0 * alone_s / memory_s,
         "epoch_s_per_50k": epoch_s * 50_000 / args.epoch_images,
         "applied": applied,
     }
@@ -274,6 +416,7 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default=None)
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-step", action="store_true", help="skip the in-memory step benchmark")
@@ -283,17 +426,44 @@ def main() -> None:
         help="time the release's iteration (a backward, step and .item() per loss; "
         "tests/test_method.py's reference) instead of ffsd's",
     )
+    p.add_argument(
+        "--release-checkout",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a checkout of the released code (git clone https://github.com/SJLeo/FFSD): time "
+        "its CIFARTrainer iteration instead of ffsd's (with --compare: as the 'release' variant)",
+    )
+    p.add_argument(
+        "--compare",
+        default=None,
+        metavar="V1,V2,...",
+        help="time these iterations in this process, interleaved over --rounds: 'release' (the "
+        "released code with --release-checkout, else the release-shaped stand-in), 'ffsd' "
+        "(the options given), 'ffsd+channels_last', 'ffsd+bf16', 'ffsd+channels_last+bf16', ...",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --compare")
     p.add_argument("--epoch", action="store_true", help="also time an epoch with input")
     p.add_argument("--epoch-images", type=int, default=2560)
     p.add_argument(
         "--epoch-repeats", type=int, default=3, help="epochs timed, alternated with in-memory"
     )
+    p.add_argument(
+        "--epoch-only", action="store_true", help="time the epochs alone (no in-memory split)"
+    )
     p.add_argument("--pipeline", default="tensor", choices=["tensor", "dataloader"])
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (dataloader)")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
     args = p.parse_args()
-    if args.release_shaped and (args.channels_last or args.compile or args.precision != "fp32"):
-        p.error("--release-shaped times the release's eager fp32 iteration; drop the speed options")
+    release = args.release_shaped or args.release_checkout
+    if (
+        release
+        and not args.compare
+        and (args.channels_last or args.compile or args.precision != "fp32")
+    ):
+        p.error("the release's iteration runs eager fp32; drop the speed options")
+    if args.release_checkout and args.epoch:
+        p.error("--release-checkout times the released iteration only; drop --epoch")
     if args.threads:
         torch.set_num_threads(args.threads)
     # As training does: trainer.host_malloc from the composed config (and its overrides).
@@ -316,7 +486,13 @@ def main() -> None:
         "machine": machine(),
     }
     results = []
-    if not args.no_step:
+    if args.compare:
+        if args.release_checkout:
+            common["release_commit"] = release_commit(args.release_checkout)
+        results += bench_compare(args)
+    elif not args.no_step:
+        if args.release_checkout:
+            common["release_commit"] = release_commit(args.release_checkout)
         results.append(bench_step(args))
     if args.epoch:
         results.append(bench_epoch(args))

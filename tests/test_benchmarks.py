@@ -6,6 +6,7 @@ Only the output's shape is checked; speed itself is measured by hand (benchmarks
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,11 +45,52 @@ def test_release_shaped_baseline_and_glibc_defaults_by_override():
         "trainer.host_malloc.mmap_threshold_mb=null",
         "trainer.host_malloc.trim_threshold_mb=null",
     )
-    assert step["iteration"] == "release-shaped" and step["images_per_s"] > 0
+    assert step["iteration"] == "release-shaped stand-in" and step["images_per_s"] > 0
+    assert "NOT the released code" in step["iteration_note"]
     assert step["options"]["host_malloc"] == "C library defaults"
 
 
 def test_every_method_steps_with_its_own_network_count():
-    for method in ("independent", "dml", "kdcl"):  # kdcl: one view per network
+    for method in ("independent", "dml", "kdcl", "cl_ilr"):  # kdcl: a view per network
         (step,) = bench("--method", method, "--students", "3")
         assert step["method"] == method and step["students"] == 3 and step["images_per_s"] > 0
+
+
+def test_gpu_script_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/gpu.sh --device cpu --tiny: every part (fast and baseline epochs of each model,
+    the bf16 and compiled numerics checks) runs and lands in one JSON file."""
+    out = tmp_path / "gpu.json"
+    res = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu.sh"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["tiny"] and report["device"] == "cpu" and not report["skipped"]
+    (model,) = report["epochs"]
+    pair = report["epochs"][model]
+    assert pair["fast"]["pipeline"] == "tensor" and pair["baseline"]["pipeline"] == "dataloader"
+    assert "channels_last" in pair["fast"]["applied"] and "autocast bf16" in pair["fast"]["applied"]
+    assert pair["baseline"]["applied"] == [] and pair["speedup_fast_over_baseline"] > 0
+    checks = report["numerics"][model]
+    assert set(checks) == {"bf16", "compile", "fast"} and report["numerics_failed"] == []
+    assert all(c["update_rel_diff"] >= 0 and c["worst_loss_term"] for c in checks.values())
+
+
+def test_compare_interleaves_variants_and_labels_the_stand_in():
+    release, cl = bench("--compare", "release,ffsd+channels_last", "--rounds", "2")
+    assert release["bench"] == cl["bench"] == "compare"
+    assert release["iteration"] == "release-shaped stand-in" and cl["iteration"] == "ffsd"
+    assert cl["applied"] == ["channels_last"] and len(cl["per_round_images_per_s"]) == 2
+    assert release["ratio_to_release"] == 1.0 and cl["ratio_to_release"] > 0
