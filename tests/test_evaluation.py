@@ -137,10 +137,15 @@ def test_release_student_evaluates_like_the_network_in_memory(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, mlflow_store):
     """A one-epoch tiny FFSD run: its last.pt, model_leader_best.pth and metrics."""
     run_dir = tmp_path_factory.mktemp("run")
-    train_task.run(make_cfg(*TINY_TRAIN, f"trainer.output_dir={run_dir}", "trainer.epochs=1"))
+    # The autouse store fixture is per test: a module fixture names the tests' store itself (its
+    # evaluations log to the run's store), or it would write to ./outputs/mlflow.db.
+    store = f"logger.tracking_uri={mlflow_store}"
+    train_task.run(
+        make_cfg(*TINY_TRAIN, f"trainer.output_dir={run_dir}", "trainer.epochs=1", store)
+    )
     metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     return run_dir, metrics
 
