@@ -108,7 +108,8 @@ def test_nonfinite_test_metric_stops_the_run_and_never_becomes_best(tmp_path):
 
     with pytest.raises(TrainingDiverged, match=r"after epoch 1 the test metric 'test/\w+/top1'"):
         _fit(tiny(run_dir, "trainer.epochs=2", RECORDING), nan_leader)
-    assert not list(run_dir.glob("checkpoints/*"))  # neither a best network nor an epoch's state
+    # neither a best network nor an epoch's state: only the run's config, written at the start
+    assert [p.name for p in run_dir.glob("checkpoints/*")] == ["config.yaml"]
     assert not (run_dir / "metrics.jsonl").exists()
     assert RecordingTracker.calls[-1] == ("finish", "FAILED")
 
