@@ -47,7 +47,7 @@ from torch import Tensor
 from ffsd import losses as L
 from ffsd.config import Checker
 from ffsd.methods.metrics import batch_accuracy
-from ffsd.methods.peers import PeerMethod, PeerNetworks, branching_errors
+from ffsd.methods.peers import PeerMethod, PeerNetworks
 from ffsd.models.base import TapNet
 from ffsd.models.branches import SPLIT_RULE, Branches
 
@@ -160,6 +160,7 @@ class CLILR(PeerMethod):
 
     member = "branch"
     count_key = "num_branches"
+    branched = True
 
     def __init__(
         self,
@@ -211,12 +212,7 @@ class CLILR(PeerMethod):
         c.choice(f"{key}.kl_eps", (L.KL_EPS, 0.0))
         c.boolean(f"{key}.detach")
         c.number(f"{key}.rampup_epochs", integer=True, low=0)
-        k = c.get(f"{key}.num_branches")
-        return (
-            super().option_errors(cfg, key)
-            + c.errors
-            + branching_errors(cfg, f"{key}.num_branches", k)
-        )
+        return super().option_errors(cfg, key) + c.errors
 
     def ramp_weight(self, epoch: int) -> float:
         # Form B's r_80(e), constant within an epoch (baselines spec, "Ramp-up"); 1 for Form A.

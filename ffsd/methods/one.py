@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ffsd import losses as L
 from ffsd.config import Checker
 from ffsd.methods.metrics import batch_accuracy
-from ffsd.methods.peers import PeerMethod, PeerNetworks, branching_errors
+from ffsd.methods.peers import PeerMethod, PeerNetworks
 from ffsd.models.base import TapNet
 from ffsd.models.branches import SPLIT_RULE, Branches
 from ffsd.models.pool import global_pool
@@ -118,6 +118,7 @@ class ONE(PeerMethod):
     member = "branch"
     extra_outputs = ("teacher",)
     count_key = "num_branches"
+    branched = True
 
     def __init__(
         self,
@@ -165,12 +166,7 @@ class ONE(PeerMethod):
         c.number(f"{key}.rampup_epochs", integer=True, low=0)
         c.number(f"{key}.kl_weight", low=0)
         c.number(f"{key}.teacher_ce_weight", low=0)
-        k = c.get(f"{key}.num_branches")
-        return (
-            super().option_errors(cfg, key)
-            + c.errors
-            + branching_errors(cfg, f"{key}.num_branches", k)
-        )
+        return super().option_errors(cfg, key) + c.errors
 
     def ramp_weight(self, epoch: int) -> float:
         # r_80(e), constant within an epoch (baselines spec, "Ramp-up").

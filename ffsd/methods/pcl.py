@@ -56,7 +56,7 @@ from ffsd import losses as L
 from ffsd.config import Checker
 from ffsd.methods.base import Reduce, _identity
 from ffsd.methods.metrics import LogitCounts, batch_accuracy
-from ffsd.methods.peers import PeerMethod, PeerNetworks, branching_errors
+from ffsd.methods.peers import PeerMethod, PeerNetworks
 from ffsd.models.base import TapNet
 from ffsd.models.branches import SPLIT_RULE, Branches
 from ffsd.models.pool import global_pool
@@ -175,6 +175,7 @@ class PCL(PeerMethod):
 
     member = "peer"
     count_key = "num_peers"
+    branched = True
 
     def __init__(
         self,
@@ -235,12 +236,7 @@ class PCL(PeerMethod):
         c.boolean(f"{key}.rampup_bug")
         c.boolean(f"{key}.tie_fc_init")
         c.choice(f"{key}.views", VIEWS)
-        k = c.get(f"{key}.num_peers")
-        return (
-            super().option_errors(cfg, key)
-            + c.errors
-            + branching_errors(cfg, f"{key}.num_peers", k)
-        )
+        return super().option_errors(cfg, key) + c.errors
 
     # -- state ---------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:

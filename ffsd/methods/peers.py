@@ -113,6 +113,9 @@ class PeerMethod(OnlineMethod):
 
     #: Fewest networks the method is defined for (baselines spec, each section's (a)).
     min_networks = 2
+    #: Whether the networks always share backbone stages (ONE, CL-ILR, PCL): only architectures
+    #: with a stage list are accepted, checked with the count key's options.
+    branched = False
     #: The ``distill`` key that holds the network count (ONE calls them branches).
     count_key = "num_networks"
     #: The optimizer group of ``cfg.optim`` that trains the networks.
@@ -172,6 +175,8 @@ class PeerMethod(OnlineMethod):
         k = c.get(f"{key}.{cls.count_key}")
         if isinstance(k, int) and not isinstance(k, bool):
             c.number(f"{key}.deploy", integer=True, low=0, high=k - 1)
+        if cls.branched:
+            c.errors += branching_errors(cfg, f"{key}.{cls.count_key}", k)
         return c.errors
 
     # -- state ---------------------------------------------------------------------------------
