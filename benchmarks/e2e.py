@@ -17,6 +17,13 @@ one JSON line per run and a breakdown table of the median over ``--repeats`` run
     python benchmarks/e2e.py                                # the digits quickstart, 8 epochs
     python benchmarks/e2e.py --repeats 3
     python benchmarks/e2e.py -- trainer.epochs=2            # extra launch.py overrides
+
+``--release-checkout PATH`` (a clone of SJLeo/FFSD, never vendored) also times the released
+code's own script on the same digits split, interleaved with ffsd's runs (ffsd, release, ffsd,
+...): ``benchmarks/release_digits.py`` in a child process, timed from the outside the same way,
+and prints both medians and their ratio::
+
+    python benchmarks/e2e.py --repeats 3 --release-checkout /tmp/ffsd-release
 """
 
 from __future__ import annotations
@@ -208,6 +215,59 @@ def one_run(overrides: list[str]) -> dict:
     }
 
 
+def write_digits(path: Path, experiment: str, overrides: list[str]) -> int:
+    """The run's own digits split (train and test tensors) for the released script; its epochs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}", *overrides])
+    if cfg.dataset.name != "digits":
+        raise SystemExit("--release-checkout: the released script runs on the digits quickstart")
+    data = instantiate(cfg.dataset)
+    import torch
+
+    torch.save({split: data.memory_tensors(split) for split in ("train", "test")}, path)
+    return int(cfg.trainer.epochs)
+
+
+RELEASE_LINE = re.compile(r"release-digits: imports and set-up ([\d.]+) s, train\(\) ([\d.]+) s")
+
+
+RELEASE_IMAGES = re.compile(r"release-digits: (\d+) training and (\d+) test images")
+
+
+def release_run(checkout: Path, data: Path, epochs: int) -> dict:
+    """The released script on ``data``, timed from the outside as ``one_run`` times launch.py."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "release_digits.py"),
+            f"--release-checkout={checkout}",
+            f"--data={data}",
+            f"--out={tmp}/run",
+            f"--epochs={epochs}",
+        ]
+        t = time.time()
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+        wall = time.time() - t
+    m, images = RELEASE_LINE.search(res.stdout), RELEASE_IMAGES.search(res.stdout)
+    if res.returncode != 0 or not m or not images:
+        raise SystemExit(f"the released script failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return {
+        "bench": "e2e-release",
+        "iteration": "released code",
+        "epochs": epochs,
+        "images": {"train": int(images.group(1)), "test": int(images.group(2))},
+        "wall_s": wall,
+        "phases_s": {
+            "imports and set-up (inside)": float(m.group(1)),
+            "Trainer.train() (train, test, save per epoch)": float(m.group(2)),
+        },
+        "load_average": os.getloadavg(),
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         rest = sys.argv[3:]
@@ -216,13 +276,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experiment", default="quickstart")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--release-checkout",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a checkout of SJLeo/FFSD: also time its own script on the same digits, interleaved",
+    )
     p.add_argument("overrides", nargs="*", help="extra launch.py overrides (after --)")
     a = p.parse_args()
     overrides = [f"experiment={a.experiment}", *a.overrides]
-    runs = []
-    for _ in range(a.repeats):
-        runs.append(one_run(overrides))
-        print(json.dumps(runs[-1]), flush=True)
+    runs, released = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.release_checkout:
+            data = Path(tmp) / "digits.pt"
+            epochs = write_digits(data, a.experiment, a.overrides)
+        for _ in range(a.repeats):
+            runs.append(one_run(overrides))
+            print(json.dumps(runs[-1]), flush=True)
+            if a.release_checkout:
+                released.append(release_run(a.release_checkout, data, epochs))
+                print(json.dumps(released[-1]), flush=True)
     med = lambda key, name: statistics.median(r[key].get(name, 0.0) for r in runs)  # noqa: E731
     print(f"\nmedian of {len(runs)} run(s), seconds; python launch.py {' '.join(overrides)}")
     print(f"  {'wall':46s} {statistics.median(r['wall_s'] for r in runs):8.2f}")
@@ -233,6 +307,18 @@ def main() -> None:
     print("  top-level imports by package (inside the phases above):")
     for name in list(runs[0]["imports_s"])[:10]:
         print(f"    {name:44s} {med('imports_s', name):8.2f}")
+    if released:
+        rel = statistics.median(r["wall_s"] for r in released)
+        ours = statistics.median(r["wall_s"] for r in runs)
+        print(f"\nthe released script, same digits, {epochs} epochs (benchmarks/release_digits.py)")
+        print(f"  {'wall':46s} {rel:8.2f}")
+        for name in released[0]["phases_s"]:
+            print(f"    {name:44s} {med_of(released, name):8.2f}")
+        print(f"  ffsd's wall / the released script's wall: {ours / rel:.2f}")
+
+
+def med_of(runs: list[dict], name: str) -> float:
+    return statistics.median(r["phases_s"][name] for r in runs)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ pages use, is stubbed when it is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import logging
@@ -123,12 +124,15 @@ def released_steps(
     # Its data module reads CIFAR-100 from disk with 8 workers; the iteration is timed alone.
     mod.create_dataLoader = lambda _opt: types.SimpleNamespace(trainLoader=loader, testLoader=[])
     torch.manual_seed(0)
-    trainer = mod.Trainer(opt, logging.getLogger("ffsd.release"))
+    # Its model constructors print banners ("| Wide-Resnet 40x2"): stdout is the JSON lines'.
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer = mod.Trainer(opt, logging.getLogger("ffsd.release"))
 
     def run(x: torch.Tensor, y: torch.Tensor, n: int) -> list[float]:
         loader.x, loader.y, loader.n, loader.stamps = x, y, n, []
         trainer.lambda_warmup(epoch)
-        trainer.train_with_test(epoch)
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer.train_with_test(epoch)
         s = loader.stamps
         return [b - a for a, b in itertools.pairwise(s)]
 

@@ -232,7 +232,7 @@ def bench_step(args: argparse.Namespace) -> dict:
     times = time_steps(args.steps)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     step_s = statistics.median(times)
-    return {
+    out = {
         "bench": "step",
         "iteration": label,
         "iteration_note": NOTES[label],
@@ -242,6 +242,54 @@ def bench_step(args: argparse.Namespace) -> dict:
         "minor_faults_per_step": faults / args.steps,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "applied": applied,
+    }
+    if args.profile:
+        out["profile"] = profile_step(time_steps, args.profile_rows)
+    return out
+
+
+#: Operator families of the profile: every aten op whose name holds the key counts under it.
+FAMILIES = {
+    "convolution backward": ("convolution_backward",),
+    "convolution forward": ("mkldnn_convolution", "slow_conv", "thnn_conv", "_nnpack"),
+    "batch norm backward": ("native_batch_norm_backward",),
+    "batch norm forward": ("native_batch_norm", "_batch_norm_impl_index"),
+    "ReLU (forward and backward)": ("threshold_backward", "relu", "clamp_min"),
+    "optimizers": ("Optimizer.",),
+}
+
+
+def profile_step(time_steps, rows: int) -> dict:
+    """One more step under ``torch.profiler``: where its time goes, by operator and by family.
+
+    Self CPU time (an operator's own, without the operators it calls); ``share`` is of the
+    profiled step's total. Families group the operators named in ``FAMILIES``; the rest (losses'
+    elementwise ops, copies, reductions, allocation) is ``other``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_steps(1)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    ops = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    families: dict[str, float] = {name: 0.0 for name in FAMILIES} | {"other": 0.0}
+    for e in events:
+        family = next((f for f, keys in FAMILIES.items() if any(k in e.key for k in keys)), None)
+        families[family or "other"] += e.self_cpu_time_total / 1e3
+    return {
+        "total_ms": total,
+        "families_ms": {k: round(v, 1) for k, v in families.items()},
+        "families_share": {k: round(v / total, 3) for k, v in families.items()},
+        "top_ops": [
+            {
+                "op": e.key,
+                "self_ms": round(e.self_cpu_time_total / 1e3, 1),
+                "calls": e.count,
+                "share": round(e.self_cpu_time_total / 1e3 / total, 3),
+            }
+            for e in ops[:rows]
+        ],
     }
 
 
@@ -420,6 +468,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-step", action="store_true", help="skip the in-memory step benchmark")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one step (torch.profiler): self time by operator and by family",
+    )
+    p.add_argument("--profile-rows", type=int, default=15, help="operators listed by --profile")
     p.add_argument(
         "--release-shaped",
         action="store_true",

@@ -139,3 +139,27 @@ def test_options_are_validated(override, fragment):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_cpu_says_whether_the_cpu_computes_it_natively(monkeypatch, caplog, native):
+    """Without AVX512-BF16 or AMX, oneDNN emulates bf16 (10x slower than fp32 on an AVX2 EPYC):
+    the run warns and names the fix; on a bf16 CPU it only notes it."""
+    import ffsd.training.acceleration as acc
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: native, raising=False)
+    assert acc.cpu_has_native_bf16() is native
+    with caplog.at_level("INFO", logger="ffsd"):
+        m = build()
+        applied = acc.set_numerics(m, precision="bf16")
+    assert applied == ["autocast bf16"] and m.autocast_dtype is torch.bfloat16
+    (record,) = [r for r in caplog.records if "trainer.precision=bf16" in r.getMessage()]
+    if native:
+        assert record.levelname == "INFO" and "natively" in record.getMessage()
+    else:
+        assert record.levelname == "WARNING"
+        assert (
+            "emulates bf16" in record.getMessage()
+            and "trainer.precision=fp32" in record.getMessage()
+        )

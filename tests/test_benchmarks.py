@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 TINY = ["--model", "resnet20", "--batch-size", "8", "--steps", "1", "--warmup", "1"]
@@ -27,13 +29,17 @@ def bench(*args: str) -> list[dict]:
 
 
 def test_step_and_epoch_lines_record_figures_options_and_machine():
-    step, epoch = bench("--epoch", "--epoch-images", "20", "--epoch-repeats", "1")
+    step, epoch = bench("--epoch", "--epoch-images", "20", "--epoch-repeats", "1", "--profile")
     for line in (step, epoch):
         assert line["model"] == "resnet20" and line["batch_size"] == 8
         assert line["options"]["host_malloc"] != {} and "cpu_capability" in line["machine"]
         assert line["images_per_s"] > 0
     assert step["bench"] == "step" and step["iteration"] == "ffsd"
     assert step["minor_faults_per_step"] >= 0 and step["peak_rss_mb"] > 0
+    prof = step["profile"]  # one profiled step: every op's self time lands in one family
+    assert sum(prof["families_share"].values()) == pytest.approx(1.0, abs=0.01)
+    assert prof["families_ms"]["convolution backward"] > 0 and len(prof["top_ops"]) == 15
+    assert prof["top_ops"][0]["self_ms"] >= prof["top_ops"][-1]["self_ms"]
     assert epoch["bench"] == "epoch" and epoch["pipeline"] == "tensor"
     assert epoch["epoch_s"] > 0 and epoch["in_memory_s"] > 0 and epoch["pipeline_alone_s"] > 0
 
@@ -94,3 +100,86 @@ def test_compare_interleaves_variants_and_labels_the_stand_in():
     assert release["iteration"] == "release-shaped stand-in" and cl["iteration"] == "ffsd"
     assert cl["applied"] == ["channels_last"] and len(cl["per_round_images_per_s"]) == 2
     assert release["ratio_to_release"] == 1.0 and cl["ratio_to_release"] > 0
+
+
+def script(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def test_numerics_measures_each_variants_distance_to_float64():
+    """One step from a shared state, against the float64 step: eager fp32 is the yardstick; bf16
+    (8 mantissa bits) must land far further from float64 than fp32 does, or nothing is measured."""
+    res = script(
+        "numerics.py",
+        *("--model", "resnet20", "--batch-size", "8", "--image-size", "16"),
+        *("--num-classes", "10", "--states", "1", "--warmup-steps", "1"),
+        *("--variants", "fp32,channels_last,bf16"),
+    )
+    lines = {d["variant"]: d for d in map(json.loads, res.stdout.splitlines()[:3])}
+    assert set(lines) == {"fp32", "channels_last", "bf16"}
+    fp32, bf16 = (lines[v]["update_distance_to_float64"] for v in ("fp32", "bf16"))
+    assert 0 < fp32["median"] < 1e-3 and fp32["loss_max"] < 1e-5
+    assert bf16["median"] > 30 * fp32["median"] and lines["bf16"]["ratio_to_fp32"]["median"] > 30
+    assert lines["fp32"]["ratio_to_fp32"] == {"median": 1.0, "p90": 1.0, "max": 1.0}
+    assert all(len(d["update_distance_to_float64"]["worst_tensors"]) == 5 for d in lines.values())
+    assert "x fp32 (p90)" in res.stdout
+
+
+FAKE_RELEASE = {
+    # The few names benchmarks/release_digits.py uses of SJLeo/FFSD, with the same signatures.
+    "options/options.py": """
+import argparse
+parser = argparse.ArgumentParser()
+for name in ("--dataroot", "--model", "--dataset", "--checkpoints_dir", "--name", "--gpu_ids"):
+    parser.add_argument(name)
+for name in ("--model_num", "--train_batch_size", "--n_epochs", "--display_id"):
+    parser.add_argument(name, type=int)
+parser.add_argument("--test_batch_size", type=int, default=128)
+parser.add_argument("--start_epoch", type=int, default=1)
+parser.add_argument("--no_html", action="store_true")
+""",
+    "utils/util.py": "import logging\ndef get_logger(path):\n    return logging.getLogger(path)\n",
+    "CIFARTrainer.py": """
+from data import create_dataLoader
+class Trainer:
+    def __init__(self, opt, logger):
+        self.opt, loaders = opt, create_dataLoader(opt)
+        self.train_loader, self.test_loader = loaders.trainLoader, loaders.testLoader
+    def train(self):
+        for epoch in range(self.opt.start_epoch, self.opt.n_epochs):
+            n = sum(len(y) for _, y in self.train_loader)
+            m = sum(len(y) for _, y in self.test_loader)
+            print(f"fake epoch {epoch}: {n} train, {m} test", flush=True)
+""",
+    "data/__init__.py": "def create_dataLoader(opt):\n    raise RuntimeError('replaced')\n",
+    "models/__init__.py": "",
+}
+
+
+def test_e2e_times_launch_and_the_released_script_on_the_same_split(tmp_path):
+    """e2e.py with --release-checkout: launch.py's run broken down, then the released script's
+    Trainer.train() (a stand-in checkout here, with the released code's names) fed the run's own
+    digits split, both timed from the outside; the summary prints both walls and their ratio."""
+    for rel, text in FAKE_RELEASE.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    res = script(
+        "e2e.py",
+        *("--release-checkout", str(tmp_path), "--"),
+        *("trainer.epochs=1", "dataset.test_fraction=0.8"),
+    )
+    ours, released = (json.loads(x) for x in res.stdout.splitlines()[:2])
+    assert ours["bench"] == "e2e" and ours["phases_s"]["training epochs"] > 0
+    assert ours["wall_s"] > ours["outside_training_s"] > 0
+    assert released["bench"] == "e2e-release" and released["epochs"] == 1
+    assert released["images"] == {"train": 359, "test": 1438}  # digits: 1,797 images, 80 % held out
+    assert released["wall_s"] > sum(released["phases_s"].values()) > 0
+    assert "ffsd's wall / the released script's wall:" in res.stdout
