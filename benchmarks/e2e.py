@@ -297,28 +297,28 @@ def main() -> None:
             if a.release_checkout:
                 released.append(release_run(a.release_checkout, data, epochs))
                 print(json.dumps(released[-1]), flush=True)
-    med = lambda key, name: statistics.median(r[key].get(name, 0.0) for r in runs)  # noqa: E731
     print(f"\nmedian of {len(runs)} run(s), seconds; python launch.py {' '.join(overrides)}")
     print(f"  {'wall':46s} {statistics.median(r['wall_s'] for r in runs):8.2f}")
     outside = statistics.median(r["outside_training_s"] for r in runs)
     print(f"  {'outside training epochs':46s} {outside:8.2f}")
     for name in runs[0]["phases_s"]:
-        print(f"    {name:44s} {med('phases_s', name):8.2f}")
+        print(f"    {name:44s} {median_of(runs, 'phases_s', name):8.2f}")
     print("  top-level imports by package (inside the phases above):")
     for name in list(runs[0]["imports_s"])[:10]:
-        print(f"    {name:44s} {med('imports_s', name):8.2f}")
+        print(f"    {name:44s} {median_of(runs, 'imports_s', name):8.2f}")
     if released:
         rel = statistics.median(r["wall_s"] for r in released)
         ours = statistics.median(r["wall_s"] for r in runs)
         print(f"\nthe released script, same digits, {epochs} epochs (benchmarks/release_digits.py)")
         print(f"  {'wall':46s} {rel:8.2f}")
         for name in released[0]["phases_s"]:
-            print(f"    {name:44s} {med_of(released, name):8.2f}")
+            print(f"    {name:44s} {median_of(released, 'phases_s', name):8.2f}")
         print(f"  ffsd's wall / the released script's wall: {ours / rel:.2f}")
 
 
-def med_of(runs: list[dict], name: str) -> float:
-    return statistics.median(r["phases_s"][name] for r in runs)
+def median_of(runs: list[dict], key: str, name: str) -> float:
+    """Median over ``runs`` of ``run[key][name]`` (0 in a run that has no such entry)."""
+    return statistics.median(r[key].get(name, 0.0) for r in runs)
 
 
 if __name__ == "__main__":

@@ -58,22 +58,20 @@ def main() -> None:
     )
     pin = torch.cuda.is_available()  # the release pins always; on a CPU-only torch that warns
 
+    def loader(split: str, batch_size: int) -> DataLoader:
+        return DataLoader(
+            TensorDataset(*data[split]),
+            batch_size=batch_size,
+            shuffle=split == "train",
+            num_workers=args.workers,
+            pin_memory=pin,
+        )
+
     def digits_loaders(opt):
-        train = DataLoader(
-            TensorDataset(*data["train"]),
-            batch_size=opt.train_batch_size,
-            shuffle=True,
-            num_workers=args.workers,
-            pin_memory=pin,
+        return types.SimpleNamespace(
+            trainLoader=loader("train", opt.train_batch_size),
+            testLoader=loader("test", opt.test_batch_size),
         )
-        test = DataLoader(
-            TensorDataset(*data["test"]),
-            batch_size=opt.test_batch_size,
-            shuffle=False,
-            num_workers=args.workers,
-            pin_memory=pin,
-        )
-        return types.SimpleNamespace(trainLoader=train, testLoader=test)
 
     mod.create_dataLoader = digits_loaders
     opt = options.parser.parse_args(
