@@ -72,6 +72,7 @@ def namespace(a: argparse.Namespace, model: str, **kw) -> argparse.Namespace:
         students=2,
         device=a.device,
         channels_last=False,
+        nhwc_batch_norm="precise",
         precision="fp32",
         compile=False,
         compile_mode=a.compile_mode,

@@ -10,7 +10,8 @@ maximum of that ratio over the tensors, the worst tensors, and every figure's ra
 fp32's own; then a table. An option whose distance is of the order of eager fp32's is as
 faithful as the default.
 
-Variants: ``fp32`` (eager NCHW, today's default), ``channels_last``, ``bf16``,
+Variants: ``fp32`` (eager NCHW), ``channels_last`` (with ffsd's precise NHWC BatchNorm
+statistics), ``channels_last+native_bn`` (with PyTorch's NHWC BatchNorm kernel), ``bf16``,
 ``channels_last+bf16``, ``compile``, ``no_mkldnn`` (PyTorch's own convolution kernels instead
 of oneDNN), and any ``+``-joined combination. ::
 
@@ -19,8 +20,8 @@ of oneDNN), and any ``+``-joined combination. ::
     python benchmarks/numerics.py --ops          # single layers: where a layout loses precision
 
 ``--ops`` instead compares single layers at the CIFAR ResNets' shapes (3x3 convolutions of 16,
-32 and 64 channels at 32x32, 16x16, 8x8, and training-mode BatchNorm), NCHW and NHWC fp32
-against float64: the output and each gradient, as the same L2 ratio.
+32 and 64 channels at 32x32, 16x16, 8x8, training-mode BatchNorm, PyTorch's and ffsd's precise
+one), NCHW and NHWC fp32 against float64: the output and each gradient, as the same L2 ratio.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.step import machine  # noqa: E402
+from ffsd.models.batch_norm import precise_batch_norm  # noqa: E402
 from ffsd.training.acceleration import accelerate  # noqa: E402
 
-OPTIONS = ("channels_last", "bf16", "compile", "no_mkldnn")
+OPTIONS = ("channels_last", "native_bn", "bf16", "compile", "no_mkldnn")
 
 
 def parse_variant(name: str) -> set[str]:
@@ -80,6 +82,7 @@ def build(cfg, num_classes: int, options: set[str], dtype: torch.dtype = torch.f
     accelerate(
         method,
         channels_last="channels_last" in options,
+        nhwc_batch_norm="native" if "native_bn" in options else "precise",
         precision="bf16" if "bf16" in options else "fp32",
         compile={"enabled": True, "backend": "inductor", "dynamic": False}
         if "compile" in options
@@ -154,6 +157,12 @@ def layer_errors(batch: int) -> list[dict]:
                 (gamma, beta),
                 ("y", "dx", "dweight", "dbias"),
             ),
+            # ffsd's (trainer.nhwc_batch_norm=precise), meant for NHWC; NCHW input works too.
+            "batch_norm_precise": (
+                lambda x, w, b: precise_batch_norm(x, w, b, 1e-5)[0],
+                (gamma, beta),
+                ("y", "dx", "dweight", "dbias"),
+            ),
         }
         for layer, (fn, (w, b), names) in layers.items():
             tensors = (x64, w, b, dy64)
@@ -179,11 +188,11 @@ def print_layers(args: argparse.Namespace) -> None:
     rows = layer_errors(args.batch_size)
     for row in rows:
         print(json.dumps({"bench": "numerics-layer", "batch_size": args.batch_size, **row}))
-    print(f"\n{'layer':24s} {'layout':6s}  relative L2 error against float64")
+    print(f"\n{'layer':30s} {'layout':6s}  relative L2 error against float64")
     for row in rows:
         errs = "  ".join(f"{k} {v:.1e}" for k, v in row["error"].items())
         name = f"{row['layer']} {row['channels']}ch {row['size']}x{row['size']}"
-        print(f"{name:24s} {row['layout']:6s}  {errs}")
+        print(f"{name:30s} {row['layout']:6s}  {errs}")
 
 
 def main() -> None:

@@ -104,6 +104,7 @@ def build(
     channels_last: bool | None = None,
     precision: str | None = None,
     compile: bool | None = None,
+    nhwc_batch_norm: str | None = None,
 ):
     """The method with the speed options (``args``' unless given), as training applies them."""
     torch.manual_seed(0)
@@ -112,6 +113,7 @@ def build(
     applied = accelerate(
         method,
         channels_last=args.channels_last if channels_last is None else channels_last,
+        nhwc_batch_norm=nhwc_batch_norm or args.nhwc_batch_norm,
         precision=precision or args.precision,
         compile={
             "enabled": True,
@@ -160,7 +162,8 @@ def make_timer(args: argparse.Namespace, variant: str):
 
     ``release``: the released code with ``--release-checkout``, else the release-shaped
     stand-in; ``ffsd``: ffsd's iteration with the command line's options; ``ffsd+OPT+...``:
-    ffsd's with exactly the options named (``channels_last``, ``bf16``, ``compile``).
+    ffsd's with exactly the options named (``channels_last``, ``bf16``, ``compile``, and
+    ``native_bn``: PyTorch's NHWC BatchNorm statistics instead of ffsd's precise ones).
     """
     cfg = compose(args, "synthetic", ["dataset.num_classes=100"])
     if variant == "release" and args.release_checkout:
@@ -179,7 +182,7 @@ def make_timer(args: argparse.Namespace, variant: str):
         method, applied = build(args, cfg, 100)
     else:
         head, *opts = variant.split("+")
-        unknown = set(opts) - {"channels_last", "bf16", "compile"}
+        unknown = set(opts) - {"channels_last", "bf16", "compile", "native_bn"}
         if head != "ffsd" or unknown:
             raise SystemExit(f"--compare: unknown variant {variant!r}")
         method, applied = build(
@@ -189,6 +192,7 @@ def make_timer(args: argparse.Namespace, variant: str):
             channels_last="channels_last" in opts,
             precision="bf16" if "bf16" in opts else "fp32",
             compile="compile" in opts,
+            nhwc_batch_norm="native" if "native_bn" in opts else "precise",
         )
     dev = method.device
     x, y = step_input(args, method.num_views, dev)
@@ -461,6 +465,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--nhwc-batch-norm",
+        default="precise",
+        choices=["precise", "native"],
+        help="with --channels-last on CPU: ffsd's precise BatchNorm statistics or PyTorch's kernel",
+    )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default=None)
@@ -531,6 +541,7 @@ def main() -> None:
         "device": args.device,
         "options": {
             "channels_last": args.channels_last,
+            "nhwc_batch_norm": args.nhwc_batch_norm,
             "precision": args.precision,
             "compile": args.compile,
             "compile_mode": args.compile_mode,

@@ -124,7 +124,8 @@ def test_network_with_nan_weights_is_never_saved_as_best(tmp_path):
         def patched(loader, reduce):
             out = evaluate(loader, reduce=reduce)
             with torch.no_grad():
-                next(trainer.method.deploy_model().parameters()).view(-1)[0] = math.nan
+                weight = next(trainer.method.deploy_model().parameters())
+                weight[(0,) * weight.dim()] = math.nan  # any layout (channels_last on CPU)
             return out
 
         trainer.method.evaluate = patched
@@ -504,6 +505,7 @@ def test_settings_that_do_not_change_the_run_are_ignored():
         "trainer.test_batch_size=4",
         "trainer.resume=never",
         "trainer.channels_last=true",
+        "trainer.nhwc_batch_norm=native",
         "trainer.host_malloc.mmap_threshold_mb=null",
         "trainer.stop_signals=[]",
         "trainer.preempt_signal=USR1",

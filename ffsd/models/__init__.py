@@ -1,4 +1,5 @@
-"""The networks FFSD trains: ten architectures, the fusion module and the decoders.
+"""The networks FFSD trains: ten architectures, the fusion module and the decoders, and the
+layers they share that PyTorch lacks (``batch_norm``: precise NHWC BatchNorm statistics).
 
 Owns each architecture's constructor (``num_classes``, ``leader``, ``num_students``), which
 returns a :class:`~ffsd.models.base.TapNet` whose ``forward`` gives logits, taps and (leader

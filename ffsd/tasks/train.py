@@ -37,7 +37,8 @@ def build_trainer(cfg: DictConfig, ctx: DistContext) -> Trainer:
     method = instantiate_method(cfg, data.num_classes, ctx.device)
     applied = set_numerics(
         method,
-        channels_last=bool(cfg.trainer.channels_last),
+        channels_last=cfg.trainer.channels_last,
+        nhwc_batch_norm=str(cfg.trainer.nhwc_batch_norm),
         precision=str(cfg.trainer.precision),
     )
     distributed.data_parallel(method, ctx, sync_bn=bool(cfg.trainer.sync_bn))

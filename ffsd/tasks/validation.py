@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ffsd.config import Checker, ConfigError, models_for_size
 from ffsd.data.base import DataModule
 from ffsd.data.tensor_pipeline import PAD_MODES
+from ffsd.training.acceleration import NHWC_BATCH_NORMS, PRECISIONS
 from ffsd.training.preemption import parse_signal
 from ffsd.training.runtime import MALLOPT_MAX_MB
 
@@ -51,10 +52,10 @@ def validate(cfg: DictConfig, *, this_machine: bool = True) -> None:
     for key in ("trainer.host_malloc.mmap_threshold_mb", "trainer.host_malloc.trim_threshold_mb"):
         if c.get(key) is not None:
             c.number(key, integer=True, low=1, high=MALLOPT_MAX_MB)
-    c.choice("trainer.precision", ("fp32", "bf16"))
-    for key in ("trainer.channels_last", "trainer.compile.enabled"):
-        if not isinstance(c.get(key), bool):
-            c.errors.append(f"{key}={c.get(key)!r} must be true or false")
+    c.choice("trainer.precision", tuple(PRECISIONS))
+    c.choice("trainer.nhwc_batch_norm", NHWC_BATCH_NORMS)
+    c.choice("trainer.channels_last", (True, False, "auto"))
+    c.boolean("trainer.compile.enabled")
     c.choice("dataset.pipeline", ("tensor", "dataloader"))
     if "pad_mode" in (c.get("dataset") or {}):  # CIFAR's key; other datasets have no padding
         c.choice("dataset.pad_mode", PAD_MODES)

@@ -1,8 +1,10 @@
-"""Speed options of a training run (``trainer.channels_last``, ``trainer.precision``,
-``trainer.compile``), applied to a method after it is built.
+"""Speed options of a training run (``trainer.channels_last`` with ``trainer.nhwc_batch_norm``,
+``trainer.precision``, ``trainer.compile``), applied to a method after it is built.
 
-Each option is off by default where it changes numerics; tests/test_acceleration.py checks that
-every option's losses after a few steps stay within a stated tolerance of the eager fp32 path.
+An option is on by default only where one step of it was measured as close to a float64 step as
+eager NCHW fp32's (benchmarks/numerics.py): ``channels_last`` with precise BatchNorm statistics,
+on CPU. tests/test_acceleration.py checks that every option's losses and updates stay within a
+stated tolerance of the eager fp32 path.
 """
 
 from __future__ import annotations
@@ -14,17 +16,26 @@ from typing import Any
 import torch
 
 from ffsd.methods.base import OnlineMethod
+from ffsd.models.batch_norm import PreciseBatchNorm2d
 
 log = logging.getLogger("ffsd")
 
 #: trainer.precision -> autocast dtype (None: plain fp32).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+#: trainer.channels_last=auto, by device type (absent: off). CPU: NHWC networks with precise
+#: BatchNorm statistics land as close to a float64 step as NCHW does and step 1.2x faster
+#: (benchmarks/README.md, numerics.py and step.py). CUDA: not measured yet, so NCHW.
+CHANNELS_LAST_AUTO: dict[str, bool] = {"cpu": True}
+#: trainer.nhwc_batch_norm: how training BatchNorm computes its statistics for channels_last
+#: CPU tensors (ffsd.models.batch_norm), or PyTorch's own NHWC kernel.
+NHWC_BATCH_NORMS = ("precise", "native")
 
 
 def accelerate(
     method: OnlineMethod,
     *,
-    channels_last: bool = False,
+    channels_last: bool | str = False,
+    nhwc_batch_norm: str = "precise",
     precision: str = "fp32",
     compile: Mapping[str, Any] | None = None,
 ) -> list[str]:
@@ -34,19 +45,39 @@ def accelerate(
     :func:`compile_forward` after ``ffsd.training.distributed.data_parallel``: DDP must see the
     networks in their final memory format, and torch.compile must wrap DDP, not the other way round.
     """
-    return set_numerics(method, channels_last=channels_last, precision=precision) + (
-        compile_forward(method, compile)
+    numerics = set_numerics(
+        method, channels_last=channels_last, nhwc_batch_norm=nhwc_batch_norm, precision=precision
     )
+    return numerics + compile_forward(method, compile)
 
 
 def set_numerics(
-    method: OnlineMethod, *, channels_last: bool = False, precision: str = "fp32"
+    method: OnlineMethod,
+    *,
+    channels_last: bool | str = False,
+    nhwc_batch_norm: str = "precise",
+    precision: str = "fp32",
 ) -> list[str]:
-    """``trainer.channels_last`` and ``trainer.precision``: memory format and autocast dtype."""
+    """``trainer.channels_last`` (true, false or auto, with ``trainer.nhwc_batch_norm``) and
+    ``trainer.precision``: memory format, BatchNorm statistics and autocast dtype."""
     applied = []
-    if channels_last:
+    if nhwc_batch_norm not in NHWC_BATCH_NORMS:
+        raise ValueError(
+            f"trainer.nhwc_batch_norm={nhwc_batch_norm!r} is not valid; choose one of: "
+            f"{', '.join(NHWC_BATCH_NORMS)}"
+        )
+    if resolve_channels_last(channels_last, method.device):
         method.set_memory_format(torch.channels_last)
-        applied.append("channels_last")
+        applied.append(
+            f"channels_last (auto on {method.device.type})"
+            if channels_last == "auto"
+            else "channels_last"
+        )
+        if method.device.type == "cpu" and nhwc_batch_norm == "precise":
+            # PyTorch's NHWC kernel sums the statistics sequentially: 2.4-3.7x further from a
+            # float64 step than NCHW (benchmarks/README.md); GPUs keep their own kernels.
+            layers = sum(PreciseBatchNorm2d.convert(m) for m in method.modules().values())
+            applied.append(f"precise NHWC BatchNorm statistics ({layers} layers)")
     if precision not in PRECISIONS:
         raise ValueError(
             f"trainer.precision={precision!r} is not valid; choose one of: {', '.join(PRECISIONS)}"
@@ -66,6 +97,17 @@ def set_numerics(
         method.autocast_dtype = dtype
         applied.append(f"autocast {precision}")
     return applied
+
+
+def resolve_channels_last(value: bool | str, device: torch.device) -> bool:
+    """``trainer.channels_last``: true or false as given; auto by :data:`CHANNELS_LAST_AUTO`."""
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return CHANNELS_LAST_AUTO.get(device.type, False)
+    raise ValueError(
+        f"trainer.channels_last={value!r} is not valid; choose one of: true, false, auto"
+    )
 
 
 def cpu_has_native_bf16() -> bool:

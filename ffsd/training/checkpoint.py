@@ -336,6 +336,7 @@ RUN_NEUTRAL_KEYS: tuple[str, ...] = (
     "trainer.device",
     "trainer.host_malloc.*",
     "trainer.channels_last",
+    "trainer.nhwc_batch_norm",
     "trainer.compile.*",
     "trainer.distributed.*",
     "trainer.preempt_signal",
