@@ -39,9 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import step  # noqa: E402
 from benchmarks.step import machine  # noqa: E402
 from ffsd.models.batch_norm import precise_batch_norm  # noqa: E402
-from ffsd.training.acceleration import accelerate  # noqa: E402
 
 OPTIONS = ("channels_last", "native_bn", "bf16", "compile", "no_mkldnn")
 
@@ -71,23 +71,21 @@ def batches(args: argparse.Namespace, n: int, num_classes: int, views: int):
     return out
 
 
-def build(cfg, num_classes: int, options: set[str], dtype: torch.dtype = torch.float32):
-    import ffsd
-
-    torch.manual_seed(0)
-    method = ffsd.build_method(cfg, num_classes, "cpu")
-    if dtype != torch.float32:
-        for module in method.modules().values():
-            module.to(dtype)
-    accelerate(
-        method,
+def build(args: argparse.Namespace, cfg, num_classes: int, options: set[str], dtype=torch.float32):
+    """The method with ``options`` applied as training applies them (benchmarks/step.py's
+    ``build``), its parameters and buffers in ``dtype``."""
+    method, _ = step.build(
+        args,
+        cfg,
+        num_classes,
         channels_last="channels_last" in options,
         nhwc_batch_norm="native" if "native_bn" in options else "precise",
         precision="bf16" if "bf16" in options else "fp32",
-        compile={"enabled": True, "backend": "inductor", "dynamic": False}
-        if "compile" in options
-        else None,
+        compile="compile" in options,
     )
+    if dtype != torch.float32:
+        for module in method.modules().values():
+            module.to(dtype)
     return method
 
 
@@ -199,6 +197,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet32")
     p.add_argument("--method", default="ffsd", help="a conf/distill option")
+    p.add_argument("--students", type=int, default=2, help="the method's network count key")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=100)
@@ -210,6 +209,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
     p.add_argument("--ops", action="store_true", help="single layers instead of the whole step")
+    # What benchmarks/step.py's compose and build read besides the options above.
+    p.set_defaults(device="cpu", compile_mode=None, compile_backend="inductor")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,9 +219,11 @@ def main() -> None:
         return
     variants = args.variants.split(",")
     parsed = {v: parse_variant(v) for v in variants}
-    cfg = compose_cfg(args)
     k = args.num_classes
-    base = build(cfg, k, set())
+    cfg = step.compose(
+        args, "synthetic", [f"dataset.num_classes={k}", f"dataset.image_size={args.image_size}"]
+    )
+    base = build(args, cfg, k, set())
     data = batches(args, args.warmup_steps * args.states + args.states, k, base.num_views)
     # States: fp32 training from the start, a step taken between each comparison point.
     states, points = [], []
@@ -231,10 +234,10 @@ def main() -> None:
             base.train_step(x, y, args.epoch)
         states.append(copy.deepcopy(base.state_dict()))
         points.append(next(it))
-    ref = build(cfg, k, set(), torch.float64)
+    ref = build(args, cfg, k, set(), torch.float64)
     per_variant: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     losses: dict[str, list[float]] = {v: [] for v in variants}
-    methods = {v: build(cfg, k, parsed[v]) for v in variants}
+    methods = {v: build(args, cfg, k, parsed[v]) for v in variants}
     for state, (x, y) in zip(states, points, strict=True):
         b64, a64, t64 = one_step(ref, state, x, y, args.epoch, set())
         for v in variants:
@@ -285,24 +288,6 @@ def main() -> None:
         print(
             f"{v:28s} {s['median']:9.2e} {s['p90']:9.2e} {s['max']:9.2e} {s['loss_max']:9.2e}  {r}"
         )
-
-
-def compose_cfg(args: argparse.Namespace):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    overrides = [
-        f"model={args.model}",
-        "dataset=synthetic",
-        f"dataset.num_classes={args.num_classes}",
-        f"dataset.image_size={args.image_size}",
-        f"distill={args.method}",
-        f"trainer.batch_size={args.batch_size}",
-        "trainer.output_dir=/unused",
-        *args.override,
-    ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
 
 
 if __name__ == "__main__":

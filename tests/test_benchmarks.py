@@ -117,18 +117,22 @@ def script(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
 
 def test_numerics_measures_each_variants_distance_to_float64():
     """One step from a shared state, against the float64 step: eager fp32 is the yardstick; bf16
-    (8 mantissa bits) must land far further from float64 than fp32 does, or nothing is measured."""
+    (8 mantissa bits) must land far further from float64 than fp32 does, or nothing is measured;
+    channels_last with the precise BatchNorm statistics (the CPU default) lands as close as fp32
+    (median measured 0.8-1.1x at this size; bounded at 3x)."""
+    variants = ("fp32", "channels_last", "channels_last+native_bn", "bf16")
     res = script(
         "numerics.py",
         *("--model", "resnet20", "--batch-size", "8", "--image-size", "16"),
         *("--num-classes", "10", "--states", "1", "--warmup-steps", "1"),
-        *("--variants", "fp32,channels_last,bf16"),
+        *("--variants", ",".join(variants)),
     )
-    lines = {d["variant"]: d for d in map(json.loads, res.stdout.splitlines()[:3])}
-    assert set(lines) == {"fp32", "channels_last", "bf16"}
+    lines = {d["variant"]: d for d in map(json.loads, res.stdout.splitlines()[: len(variants)])}
+    assert set(lines) == set(variants)
     fp32, bf16 = (lines[v]["update_distance_to_float64"] for v in ("fp32", "bf16"))
     assert 0 < fp32["median"] < 1e-3 and fp32["loss_max"] < 1e-5
     assert bf16["median"] > 30 * fp32["median"] and lines["bf16"]["ratio_to_fp32"]["median"] > 30
+    assert lines["channels_last"]["update_distance_to_float64"]["median"] < 3 * fp32["median"]
     assert lines["fp32"]["ratio_to_fp32"] == {"median": 1.0, "p90": 1.0, "max": 1.0}
     assert all(len(d["update_distance_to_float64"]["worst_tensors"]) == 5 for d in lines.values())
     assert "x fp32 (p90)" in res.stdout
