@@ -43,7 +43,8 @@ from benchmarks import step  # noqa: E402
 from benchmarks.step import machine  # noqa: E402
 from ffsd.models.batch_norm import precise_batch_norm  # noqa: E402
 
-OPTIONS = ("channels_last", "native_bn", "bf16", "compile", "no_mkldnn")
+#: step.py's variant options, and PyTorch's own convolutions instead of oneDNN's at step time.
+OPTIONS = (*step.VARIANT_OPTIONS, "no_mkldnn")
 
 
 def parse_variant(name: str) -> set[str]:
@@ -74,15 +75,7 @@ def batches(args: argparse.Namespace, n: int, num_classes: int, views: int):
 def build(args: argparse.Namespace, cfg, num_classes: int, options: set[str], dtype=torch.float32):
     """The method with ``options`` applied as training applies them (benchmarks/step.py's
     ``build``), its parameters and buffers in ``dtype``."""
-    method, _ = step.build(
-        args,
-        cfg,
-        num_classes,
-        channels_last="channels_last" in options,
-        nhwc_batch_norm="native" if "native_bn" in options else "precise",
-        precision="bf16" if "bf16" in options else "fp32",
-        compile="compile" in options,
-    )
+    method, _ = step.build(args, cfg, num_classes, **step.variant_options(options))
     if dtype != torch.float32:
         for module in method.modules().values():
             module.to(dtype)

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ffsd  # noqa: E402
-from ffsd.training.acceleration import accelerate  # noqa: E402
+from ffsd.training.acceleration import NHWC_BATCH_NORMS, accelerate  # noqa: E402
 from ffsd.training.runtime import tune_host_malloc  # noqa: E402
 
 
@@ -126,6 +126,21 @@ def build(
     return method, applied
 
 
+#: The option tokens of a variant (``ffsd+channels_last+bf16``), each one of build's keywords.
+VARIANT_OPTIONS = ("channels_last", "native_bn", "bf16", "compile")
+
+
+def variant_options(tokens: set[str] | list[str]) -> dict:
+    """build's keywords for a variant's option tokens (:data:`VARIANT_OPTIONS`); a token left
+    out is that option off (eager NCHW fp32, precise BatchNorm statistics where NHWC)."""
+    return {
+        "channels_last": "channels_last" in tokens,
+        "nhwc_batch_norm": "native" if "native_bn" in tokens else "precise",
+        "precision": "bf16" if "bf16" in tokens else "fp32",
+        "compile": "compile" in tokens,
+    }
+
+
 #: What each iteration is, as the output names it ("iteration") and says it is ("iteration_note").
 RELEASED = "released code"
 STAND_IN = "release-shaped stand-in"
@@ -182,18 +197,10 @@ def make_timer(args: argparse.Namespace, variant: str):
         method, applied = build(args, cfg, 100)
     else:
         head, *opts = variant.split("+")
-        unknown = set(opts) - {"channels_last", "bf16", "compile", "native_bn"}
+        unknown = set(opts) - set(VARIANT_OPTIONS)
         if head != "ffsd" or unknown:
             raise SystemExit(f"--compare: unknown variant {variant!r}")
-        method, applied = build(
-            args,
-            cfg,
-            100,
-            channels_last="channels_last" in opts,
-            precision="bf16" if "bf16" in opts else "fp32",
-            compile="compile" in opts,
-            nhwc_batch_norm="native" if "native_bn" in opts else "precise",
-        )
+        method, applied = build(args, cfg, 100, **variant_options(opts))
     dev = method.device
     x, y = step_input(args, method.num_views, dev)
     method.begin_epoch(6)
@@ -468,7 +475,7 @@ def main() -> None:
     p.add_argument(
         "--nhwc-batch-norm",
         default="precise",
-        choices=["precise", "native"],
+        choices=NHWC_BATCH_NORMS,
         help="with --channels-last on CPU: ffsd's precise BatchNorm statistics or PyTorch's kernel",
     )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ffsd.config import Checker, ConfigError, models_for_size
 from ffsd.data.base import DataModule
 from ffsd.data.tensor_pipeline import PAD_MODES
-from ffsd.training.acceleration import NHWC_BATCH_NORMS, PRECISIONS
+from ffsd.training.acceleration import CHANNELS_LAST_CHOICES, NHWC_BATCH_NORMS, PRECISIONS
 from ffsd.training.preemption import parse_signal
 from ffsd.training.runtime import MALLOPT_MAX_MB
 
@@ -54,7 +54,7 @@ def validate(cfg: DictConfig, *, this_machine: bool = True) -> None:
             c.number(key, integer=True, low=1, high=MALLOPT_MAX_MB)
     c.choice("trainer.precision", tuple(PRECISIONS))
     c.choice("trainer.nhwc_batch_norm", NHWC_BATCH_NORMS)
-    c.choice("trainer.channels_last", (True, False, "auto"))
+    c.choice("trainer.channels_last", CHANNELS_LAST_CHOICES)
     c.boolean("trainer.compile.enabled")
     c.choice("dataset.pipeline", ("tensor", "dataloader"))
     if "pad_mode" in (c.get("dataset") or {}):  # CIFAR's key; other datasets have no padding

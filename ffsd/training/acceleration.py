@@ -26,6 +26,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 #: BatchNorm statistics land as close to a float64 step as NCHW does and step 1.2x faster
 #: (benchmarks/README.md, numerics.py and step.py). CUDA: not measured yet, so NCHW.
 CHANNELS_LAST_AUTO: dict[str, bool] = {"cpu": True}
+#: trainer.channels_last's values.
+CHANNELS_LAST_CHOICES = (True, False, "auto")
 #: trainer.nhwc_batch_norm: how training BatchNorm computes its statistics for channels_last
 #: CPU tensors (ffsd.models.batch_norm), or PyTorch's own NHWC kernel.
 NHWC_BATCH_NORMS = ("precise", "native")
@@ -105,9 +107,8 @@ def resolve_channels_last(value: bool | str, device: torch.device) -> bool:
         return value
     if value == "auto":
         return CHANNELS_LAST_AUTO.get(device.type, False)
-    raise ValueError(
-        f"trainer.channels_last={value!r} is not valid; choose one of: true, false, auto"
-    )
+    shown = ", ".join(str(c).lower() for c in CHANNELS_LAST_CHOICES)
+    raise ValueError(f"trainer.channels_last={value!r} is not valid; choose one of: {shown}")
 
 
 def cpu_has_native_bf16() -> bool:
