@@ -223,7 +223,7 @@ def make_timer(args: argparse.Namespace, variant: str):
         label = "ffsd"
 
     def time_steps(n: int) -> list[float]:
-        times = []
+        times, terms = [], {}
         for _ in range(n):
             t = time.perf_counter()
             terms = step()
