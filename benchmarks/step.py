@@ -14,6 +14,9 @@ Prints one JSON line per measurement, each with the options and the machine it r
   (tests/test_method.py's reference iteration on ffsd's networks), labelled as such.
 * ``"bench": "compare"`` (``--compare release,ffsd,ffsd+channels_last,...``): several iterations
   in this one process, interleaved over ``--rounds``, with medians, spreads and ratios.
+* ``--roofline``: each step's FLOPs, the rate it reaches, the host's peak matrix-multiply rate
+  and the step's floor at that rate (``benchmarks/roofline.py``); with ``--compare``, how much
+  faster than the first variant each one could ever be (``ceiling_ratio_to_...``).
 
 Examples::
 
@@ -256,6 +259,41 @@ def bench_step(args: argparse.Namespace) -> dict:
     }
     if args.profile:
         out["profile"] = profile_step(time_steps, args.profile_rows)
+    if args.roofline:
+        precision = args.precision if variant == "ffsd" else "fp32"
+        out["roofline"] = roofline(args, time_steps, precision, step_s, out.get("profile"))
+    return out
+
+
+#: --roofline's peak matrix-multiply rate, GFLOP/s, by dtype, measured once per process.
+PEAKS: dict[torch.dtype, float] = {}
+
+
+def roofline(
+    args: argparse.Namespace, time_steps, precision: str, step_s: float, profile: dict | None
+) -> dict:
+    """``--roofline``: the step's FLOPs, the rate it reaches, and its floor at the host's peak
+    matrix-multiply rate of the step's dtype (``benchmarks/roofline.py``)."""
+    from benchmarks import roofline as rl
+
+    flops = rl.count_flops(lambda: time_steps(1))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if dtype not in PEAKS:  # once per dtype, so that every variant shares one measurement
+        PEAKS[dtype] = rl.matmul_peak(torch.device(args.device), dtype)
+    peak = PEAKS[dtype]
+    gflop = flops["flops"] / 1e9
+    gflop_by_op = {op: n / 1e9 for op, n in flops["flops_by_op"].items()}
+    out = {
+        "gflop_per_step": round(gflop, 2),
+        "gflop_by_op": {op: round(n, 3) for op, n in gflop_by_op.items()},
+        "achieved_gflop_per_s": round(gflop / step_s, 1),
+        "peak_matmul_gflop_per_s": round(peak, 1),
+        "peak_dtype": str(dtype).removeprefix("torch."),
+        "floor_ms": round(rl.floor_ms(gflop, peak), 1),
+    }
+    if profile:
+        rate = rl.convolution_rate(gflop_by_op, profile["families_ms"])
+        out["convolution_gflop_per_s"] = None if rate is None else round(rate, 1)
     return out
 
 
@@ -324,26 +362,33 @@ def bench_compare(args: argparse.Namespace) -> list[dict]:
             steps[v] += times
             rounds[v].append(args.batch_size / statistics.median(times))
     first = args.batch_size / statistics.median(steps[variants[0]])
+    first_ms = 1e3 * statistics.median(steps[variants[0]])
     out = []
     for v in variants:
         ips = args.batch_size / statistics.median(steps[v])
-        out.append(
-            {
-                "bench": "compare",
-                "variant": v,
-                "iteration": timers[v][2],
-                "iteration_note": NOTES[timers[v][2]],
-                "images_per_s": ips,
-                "ms_per_step": 1e3 * statistics.median(steps[v]),
-                "per_round_images_per_s": rounds[v],
-                "spread_images_per_s": [min(rounds[v]), max(rounds[v])],
-                f"ratio_to_{variants[0]}": ips / first,
-                "rounds": args.rounds,
-                "steps_per_round": args.steps,
-                "applied": timers[v][1],
-                "load_average": os.getloadavg(),
-            }
-        )
+        line = {
+            "bench": "compare",
+            "variant": v,
+            "iteration": timers[v][2],
+            "iteration_note": NOTES[timers[v][2]],
+            "images_per_s": ips,
+            "ms_per_step": 1e3 * statistics.median(steps[v]),
+            "per_round_images_per_s": rounds[v],
+            "spread_images_per_s": [min(rounds[v]), max(rounds[v])],
+            f"ratio_to_{variants[0]}": ips / first,
+            "rounds": args.rounds,
+            "steps_per_round": args.steps,
+            "applied": timers[v][1],
+            "load_average": os.getloadavg(),
+        }
+        if args.roofline:  # after the timed rounds, so that counting never disturbs them
+            precision = "bf16" if "bf16" in v.split("+") else "fp32"
+            found = roofline(args, timers[v][0], precision, statistics.median(steps[v]), None)
+            # The most this variant could ever gain on the first: the first's measured step
+            # over this one's floor.
+            found[f"ceiling_ratio_to_{variants[0]}"] = round(first_ms / found["floor_ms"], 2)
+            line["roofline"] = found
+        out.append(line)
     return out
 
 
@@ -491,6 +536,12 @@ def main() -> None:
         help="also profile one step (torch.profiler): self time by operator and by family",
     )
     p.add_argument("--profile-rows", type=int, default=15, help="operators listed by --profile")
+    p.add_argument(
+        "--roofline",
+        action="store_true",
+        help="also count each step's FLOPs and time the host's peak matrix multiply: the rate "
+        "reached and the step's floor (benchmarks/roofline.py)",
+    )
     p.add_argument(
         "--release-shaped",
         action="store_true",

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import ROOT
 
@@ -95,12 +96,43 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path):
 
 
 def test_compare_interleaves_variants_and_labels_the_stand_in():
-    release, cl = bench("--compare", "release,ffsd+channels_last", "--rounds", "2")
+    release, cl = bench("--compare", "release,ffsd+channels_last", "--rounds", "2", "--roofline")
     assert release["bench"] == cl["bench"] == "compare"
     assert release["iteration"] == "release-shaped stand-in" and cl["iteration"] == "ffsd"
     assert cl["applied"][0] == "channels_last" and len(cl["per_round_images_per_s"]) == 2
     assert cl["applied"][1].startswith("precise NHWC BatchNorm statistics")
     assert release["ratio_to_release"] == 1.0 and cl["ratio_to_release"] > 0
+    for line in (release, cl):  # --roofline: the same networks count the same FLOPs
+        roof = line["roofline"]
+        assert roof["gflop_per_step"] == release["roofline"]["gflop_per_step"] > 0
+        assert roof["peak_matmul_gflop_per_s"] > 0 and roof["peak_dtype"] == "float32"
+        assert roof["floor_ms"] == pytest.approx(
+            1e3 * roof["gflop_per_step"] / roof["peak_matmul_gflop_per_s"], rel=0.01
+        )
+        assert roof["ceiling_ratio_to_release"] == pytest.approx(
+            release["ms_per_step"] / roof["floor_ms"], rel=0.01
+        )
+
+
+def test_roofline_counts_a_convolution_step_as_its_multiply_adds():
+    from benchmarks import roofline
+
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    forward = 2 * (2 * 8 * 5 * 5) * (4 * 3 * 3)  # a multiply-add per output and weight tap
+
+    counted = roofline.count_flops(lambda: conv(x).sum().backward())
+    # Backward: the input's gradient and the weight's, each as many multiply-adds as forward.
+    assert counted["flops"] == 3 * forward
+    assert counted["flops_by_op"] == {"convolution_backward": 2 * forward, "convolution": forward}
+    assert roofline.floor_ms(3.0, 150.0) == pytest.approx(20.0)
+    rate = roofline.convolution_rate(
+        {"convolution": 1.0, "convolution_backward": 2.0, "mm": 5.0},
+        {"convolution forward": 10.0, "convolution backward": 20.0, "other": 99.0},
+    )
+    assert rate == pytest.approx(100.0)  # 3 GFLOP in 30 ms; the product's FLOPs are not counted
+    assert roofline.convolution_rate({"mm": 1.0}, {"other": 5.0}) is None
+    assert roofline.matmul_peak(torch.device("cpu"), size=256) > 0
 
 
 def script(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
