@@ -119,9 +119,10 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
-    """The uninterrupted reference run."""
+    """The uninterrupted reference run (no tracker: a module fixture runs before the autouse
+    fixture that points MLflow at the test store, so it would write into the repository)."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    run_inprocess(run_dir)
+    run_inprocess(run_dir, "logger=none")
     return run_dir
 
 
