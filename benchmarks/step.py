@@ -260,9 +260,19 @@ def bench_step(args: argparse.Namespace) -> dict:
     if args.profile:
         out["profile"] = profile_step(time_steps, args.profile_rows)
     if args.roofline:
-        precision = args.precision if variant == "ffsd" else "fp32"
+        precision = variant_precision(args, variant)
         out["roofline"] = roofline(args, time_steps, precision, step_s, out.get("profile"))
     return out
+
+
+def variant_precision(args: argparse.Namespace, variant: str) -> str:
+    """The precision ``variant`` runs in, as :func:`make_timer` builds it: the released code and
+    its stand-in fp32, ``ffsd`` the command line's, ``ffsd+OPT+...`` its own tokens'."""
+    if variant == "release":
+        return "fp32"
+    if variant == "ffsd":
+        return args.precision
+    return variant_options(variant.split("+")[1:])["precision"]
 
 
 #: --roofline's peak matrix-multiply rate, GFLOP/s, by dtype, measured once per process.
@@ -361,32 +371,30 @@ def bench_compare(args: argparse.Namespace) -> list[dict]:
             times = timers[v][0](args.steps)
             steps[v] += times
             rounds[v].append(args.batch_size / statistics.median(times))
-    first = args.batch_size / statistics.median(steps[variants[0]])
-    first_ms = 1e3 * statistics.median(steps[variants[0]])
+    first_s = statistics.median(steps[variants[0]])
     out = []
     for v in variants:
-        ips = args.batch_size / statistics.median(steps[v])
+        step_s = statistics.median(steps[v])
         line = {
             "bench": "compare",
             "variant": v,
             "iteration": timers[v][2],
             "iteration_note": NOTES[timers[v][2]],
-            "images_per_s": ips,
-            "ms_per_step": 1e3 * statistics.median(steps[v]),
+            "images_per_s": args.batch_size / step_s,
+            "ms_per_step": 1e3 * step_s,
             "per_round_images_per_s": rounds[v],
             "spread_images_per_s": [min(rounds[v]), max(rounds[v])],
-            f"ratio_to_{variants[0]}": ips / first,
+            f"ratio_to_{variants[0]}": first_s / step_s,
             "rounds": args.rounds,
             "steps_per_round": args.steps,
             "applied": timers[v][1],
             "load_average": os.getloadavg(),
         }
         if args.roofline:  # after the timed rounds, so that counting never disturbs them
-            precision = "bf16" if "bf16" in v.split("+") else "fp32"
-            found = roofline(args, timers[v][0], precision, statistics.median(steps[v]), None)
+            found = roofline(args, timers[v][0], variant_precision(args, v), step_s, None)
             # The most this variant could ever gain on the first: the first's measured step
             # over this one's floor.
-            found[f"ceiling_ratio_to_{variants[0]}"] = round(first_ms / found["floor_ms"], 2)
+            found[f"ceiling_ratio_to_{variants[0]}"] = round(1e3 * first_s / found["floor_ms"], 2)
             line["roofline"] = found
         out.append(line)
     return out

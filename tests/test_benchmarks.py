@@ -135,6 +135,18 @@ def test_roofline_counts_a_convolution_step_as_its_multiply_adds():
     assert roofline.matmul_peak(torch.device("cpu"), size=256) > 0
 
 
+def test_roofline_peak_dtype_follows_each_variants_precision():
+    import argparse
+
+    from benchmarks.step import variant_precision
+
+    args = argparse.Namespace(precision="bf16")  # the command line's, for the bare "ffsd"
+    assert variant_precision(args, "release") == "fp32"
+    assert variant_precision(args, "ffsd") == "bf16"
+    assert variant_precision(args, "ffsd+channels_last") == "fp32"
+    assert variant_precision(args, "ffsd+channels_last+bf16") == "bf16"
+
+
 def script(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     res = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / name), *args],
