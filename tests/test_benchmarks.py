@@ -232,3 +232,35 @@ def test_e2e_times_launch_and_the_released_script_on_the_same_split(tmp_path):
     assert released["images"] == {"train": 359, "test": 1438}  # digits: 1,797 images, 80 % held out
     assert released["wall_s"] > sum(released["phases_s"].values()) > 0
     assert "ffsd's wall / the released script's wall:" in res.stdout
+
+
+def test_concurrency_splits_networks_evenly_and_times_both_ways_with_equal_gradients():
+    from benchmarks.concurrency import split
+
+    assert split([1, 2, 3], 2) == [[1, 2], [3]]
+    assert split([1, 2, 3, 4, 5], 3) == [[1, 2], [3, 4], [5]]
+    assert split([1, 2], 4) == [[1], [2]]  # never an empty worker
+
+    res = script(
+        "concurrency.py",
+        "--model",
+        "resnet20",
+        "--batch-size",
+        "4",
+        "--rounds",
+        "1",
+        "--workers",
+        "3",
+    )
+    (line,) = [json.loads(s) for s in res.stdout.splitlines() if s.startswith("{")]
+    assert line["bench"] == "concurrency" and line["networks"] == 3  # 2 students, the leader
+    assert line["concurrent"]["networks_per_worker"] == [1, 1, 1]
+    assert line["concurrent"]["intra_op_threads_per_worker"] == [1, 1, 1]
+    assert line["sequential"]["ms"] > 0 and line["concurrent"]["ms"] > 0
+    assert line["speedup_concurrent_over_sequential"] == pytest.approx(
+        line["sequential"]["ms"] / line["concurrent"]["ms"]
+    )
+    # The same computation: only the order of some sums follows the thread count.
+    assert line["gradients_rel_diff"] < 1e-4
+    assert line["worst_gradient"]["tensor"].split(".")[0] in {"0", "1", "2"}
+    assert "precise NHWC BatchNorm statistics" in " ".join(line["applied"])
