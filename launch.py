@@ -33,6 +33,7 @@ from ffsd.config import ConfigError
 from ffsd.data.base import DataNotFoundError
 from ffsd.tasks.cleanup import remove_untouched_run_dir
 from ffsd.tasks.export import ExportError
+from ffsd.tasks.overrides import explain_refused_keys
 from ffsd.tracking import TrackingError
 from ffsd.training.checkpoint import CheckpointError, OutputWriteError
 from ffsd.training.engine import TrainingDiverged
@@ -82,6 +83,13 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     try:
         main()
+    except SystemExit as stop:
+        # Hydra's refusal of a plain `trainer.epoch=3` suggests `+trainer.epoch=3`, which adds a
+        # key nothing reads; name the keys the user probably meant after it.
+        if stop.code == 1:
+            for line in explain_refused_keys(sys.argv[1:]):
+                print(f"Error: {line}", file=sys.stderr)
+        raise
     finally:
         # At exit the interpreter garbage-collects every object torch, MLflow and their imports
         # made: about 2 s of a short run (benchmarks/README.md, "End to end"). Frozen, they are

@@ -34,6 +34,7 @@ from ffsd.report import summary as report
 from ffsd.tasks import train as train_task
 from ffsd.tasks.checkpoint_config import apply_checkpoint_settings
 from ffsd.tasks.hydra_callbacks import RefuseUnknownKeys
+from ffsd.tasks.overrides import explain_refused_keys, missing_key_errors
 from ffsd.tracking.mlflow_tracker import EXPERIMENT_KIND, MLflowTracker, default_run_name
 from ffsd.tracking.provenance import HydraJob
 from ffsd.training.engine import epoch_line, progress_postfix
@@ -152,6 +153,30 @@ def test_a_key_not_in_the_config_is_refused_with_the_closest_keys():
 def test_launch_refuses_an_unknown_plus_key_before_making_any_directory(tmp_path):
     res = run_launch("+trainer.epoch=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert res.returncode == 1, res.stderr[-2000:]
+    assert "Did you mean trainer.epochs?" in res.stderr and "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plain_key_not_in_the_config_gets_the_closest_keys_after_hydras_refusal(tmp_path):
+    cfg = make_cfg("experiment=quickstart")
+    given = ["trainer.epoch=3", "trainer.epochs=2", "model=resnet20", "+x.y=1", "hydra.run.dir=d"]
+    errors = missing_key_errors(cfg, [*given, "distill.lambda_fusin=1,10", "~trainer.seed"])
+    assert len(errors) == 2  # keys the tree has, groups, +, ~ and Hydra's own pass
+    assert errors[0].startswith("trainer.epoch=3: trainer.epoch is not a key")
+    assert "Did you mean trainer.epochs?" in errors[0]
+    assert "Did you mean distill.lambda_fusion" in errors[1]
+    # The tree is the one the command's group choices compose (a swept group: its first option).
+    sweep = ["-m", "experiment=quickstart", "distill.lambda_fusion=10"]
+    (hint,) = explain_refused_keys([*sweep, "distill=dml,ffsd"])  # DML has no lambda_fusion
+    assert hint.startswith("distill.lambda_fusion=10: distill.lambda_fusion is not a key")
+    assert explain_refused_keys([*sweep, "distill=ffsd,dml"]) == []
+    assert explain_refused_keys(["trainer.epochs=abc"]) == []  # a key that exists: not this
+    assert explain_refused_keys(["model=resnet2", "trainer.epoch=3"]) == []  # no tree to ask
+
+    res = run_launch("trainer.epoch=3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "Could not override 'trainer.epoch'" in res.stderr  # Hydra's own message first
+    assert "Error: trainer.epoch=3: trainer.epoch is not a key" in res.stderr
     assert "Did you mean trainer.epochs?" in res.stderr and "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -10,6 +10,10 @@ closest keys of the tree (``difflib``), unless it adds
   (``+task.exporters.mine._target_=pkg.Mine``: an exporter next to torchscript and onnx).
 
 ``++key=value`` (Hydra's force-add) is the way to add any other key on purpose.
+
+A plain ``trainer.epoch=3`` never reaches ffsd: Hydra's composition refuses it, and its message
+suggests the ``+`` that would add a key nothing reads. :func:`explain_refused_keys` runs after
+such a refusal (launch.py) and names the closest keys instead.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import difflib
 from collections.abc import Iterable, Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig
 
 from ffsd.config import CONF_DIR
@@ -93,14 +98,76 @@ def unknown_key_errors(cfg: DictConfig, overrides: Iterable[str]) -> list[str]:
         key = o.key_or_group
         if key.startswith("hydra") or _is_group(key) or _adds_a_component(cfg, key, added):
             continue
-        close = difflib.get_close_matches(key, known, n=SUGGESTIONS, cutoff=CUTOFF)
-        hint = f"Did you mean {' or '.join(close)}? " if close else ""
         errors.append(
             f"{o.input_line}: {key} is not a key of the config, so nothing would read it. "
-            f"{hint}(`python launch.py --cfg job` prints every key; ++{key}=... adds one on "
-            "purpose)"
+            f"{_closest(key, known)}(`python launch.py --cfg job` prints every key; "
+            f"++{key}=... adds one on purpose)"
         )
     return errors
+
+
+def _sets_a_key(o: Override) -> bool:
+    """A plain ``key=value`` (no ``+``, ``++`` or ``~``) of a config key, not a group or Hydra's."""
+    key = o.key_or_group
+    return not (
+        o.is_add()
+        or o.is_force_add()
+        or o.is_delete()
+        or key.startswith("hydra")
+        or _is_group(key.split("@")[0])
+    )
+
+
+def _closest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=SUGGESTIONS, cutoff=CUTOFF)
+    return f"Did you mean {' or '.join(close)}? " if close else ""
+
+
+def missing_key_errors(cfg: DictConfig, overrides: Iterable[str]) -> list[str]:
+    """One message per plain ``key=value`` of ``overrides`` whose key ``cfg`` does not have."""
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    known = [k for k in config_keys(cfg) if not _has_children(cfg, k)]
+    return [
+        f"{o.input_line}: {o.key_or_group} is not a key of the config. "
+        f"{_closest(o.key_or_group, known)}(`python launch.py --cfg job` prints every key; "
+        f"Hydra's +{o.key_or_group}=... would add a key that nothing reads)"
+        for o in parsed
+        if _sets_a_key(o) and _node(cfg, o.key_or_group) is None
+    ]
+
+
+def _one_choice(o: Override) -> str:
+    """A group override with a single option: a swept group (``distill=ffsd,dml``) its first."""
+    if not o.is_sweep_override():
+        return o.input_line
+    first = next(iter(o.sweep_string_iterator()))
+    return f"{'+' if o.is_add() else ''}{o.key_or_group}={first}"
+
+
+def explain_refused_keys(argv: Sequence[str]) -> list[str]:
+    """After Hydra refused the command ``launch.py *argv``: a message for each plain
+    ``key=value`` whose key is not in the config tree its group choices compose.
+
+    Empty when every such key exists (Hydra refused something else) or when the tree cannot be
+    composed (a group option that does not exist: Hydra's own message names the choices).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        args = get_args_parser().parse_args(list(argv))
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+        plain = [o.input_line for o in parsed if _sets_a_key(o)]
+        if not plain:
+            return []
+        groups = [_one_choice(o) for o in parsed if _is_group(o.key_or_group.split("@")[0])]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(args.config_name or "config", overrides=groups)
+        return missing_key_errors(cfg, plain)
+    except Exception:  # a hint only: Hydra has already said why it refused the command
+        return []
 
 
 def refuse_unknown_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
