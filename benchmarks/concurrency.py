@@ -63,7 +63,7 @@ class Workers:
     def __init__(
         self, groups: list[list[nn.Module]], x: torch.Tensor, y: torch.Tensor, threads: int = 1
     ) -> None:
-        self.groups, self.x, self.y, self.threads = groups, x, y, threads
+        self.x, self.y, self.threads = x, y, threads
         self.start = threading.Barrier(len(groups) + 1)
         self.done = threading.Barrier(len(groups) + 1)
         self.stopping = False
@@ -122,11 +122,12 @@ def difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     bias of a convolution whose every path runs into BatchNorm) differs by all of itself.
     """
     assert a.keys() == b.keys()
-    diff2 = sum((a[k] - b[k]).square().sum().item() for k in a)
-    norm2 = sum(a[k].square().sum().item() for k in a)
-    worst = max(a, key=lambda k: ((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-30)).item())
-    rel = ((a[worst] - b[worst]).norm() / a[worst].norm().clamp_min(1e-30)).item()
-    return {"rel": (diff2 / max(norm2, 1e-30)) ** 0.5, "worst_tensor": worst, "worst_rel": rel}
+    diffs = {k: (a[k] - b[k]).norm().item() for k in a}
+    norms = {k: a[k].norm().item() for k in a}
+    ratios = {k: diffs[k] / max(norms[k], 1e-30) for k in a}
+    worst = max(ratios, key=ratios.__getitem__)
+    total = sum(d * d for d in diffs.values()) / max(sum(n * n for n in norms.values()), 1e-30)
+    return {"rel": total**0.5, "worst_tensor": worst, "worst_rel": ratios[worst]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,18 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--channels-last", choices=("true", "false"), default="true")
     p.add_argument("--nhwc-batch-norm", choices=bench.NHWC_BATCH_NORMS, default="precise")
     a = p.parse_args(argv)
-    ns = argparse.Namespace(
+    ns = bench.namespace(  # step.py's defaults otherwise: FFSD, eager fp32
         model=a.model,
         batch_size=a.batch_size,
-        method="ffsd",
         students=a.students,
         device="cpu",
         channels_last=a.channels_last == "true",
         nhwc_batch_norm=a.nhwc_batch_norm,
-        precision="fp32",
-        compile=False,
-        compile_mode=None,
-        override=[],
     )
     cores = torch.get_num_threads()
     workers = a.workers or cores

@@ -64,27 +64,19 @@ def fast_options(a: argparse.Namespace) -> dict:
 
 
 def namespace(a: argparse.Namespace, model: str, **kw) -> argparse.Namespace:
-    """The attributes benchmarks/step.py's functions read, for one measurement."""
-    base = dict(
+    """benchmarks/step.py's options for one measurement: eager NCHW fp32 FFSD, 2 students, the
+    tensor pipeline (step.py's defaults), on this command line's device, batch and epoch."""
+    here = dict(
         model=model,
         batch_size=a.batch_size,
-        method="ffsd",
         students=2,
         device=a.device,
-        channels_last=False,
-        nhwc_batch_norm="precise",
-        precision="fp32",
-        compile=False,
         compile_mode=a.compile_mode,
         compile_backend=a.compile_backend,
-        override=[],
         epoch_images=a.images,
         epoch_repeats=a.repeats,
-        epoch_only=False,
-        pipeline="tensor",
-        workers=0,
     )
-    return argparse.Namespace(**(base | kw))
+    return bench.namespace(**(here | kw))
 
 
 def epoch(a: argparse.Namespace, model: str, fast: bool) -> dict:

@@ -520,7 +520,8 @@ def bench_epoch(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """step.py's command line: every option and its default."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet32")
     p.add_argument("--batch-size", type=int, default=128)
@@ -590,6 +591,22 @@ def main() -> None:
     p.add_argument("--pipeline", default="tensor", choices=["tensor", "dataloader"])
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (dataloader)")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
+    return p
+
+
+def namespace(**options: object) -> argparse.Namespace:
+    """The options this module's functions read, for another script that builds and times
+    methods with them (gpu.py, concurrency.py): step.py's defaults, then ``options``."""
+    args = parser().parse_args([])
+    unknown = set(options) - set(vars(args))
+    if unknown:
+        raise TypeError(f"step.py has no option(s) {sorted(unknown)}")
+    vars(args).update(options)
+    return args
+
+
+def main() -> None:
+    p = parser()
     args = p.parse_args()
     release = args.release_shaped or args.release_checkout
     if (

@@ -142,6 +142,7 @@ def test_a_key_not_in_the_config_is_refused_with_the_closest_keys():
         refuse.on_multirun_start(hydra_cfg("+optim.networks.lrr=0.1", multirun=True))
     # what groups and registries legitimately add, and Hydra's force-add, pass
     refuse.on_multirun_start(hydra_cfg("+sweep=seeds", multirun=True))
+    refuse.on_run_start(hydra_cfg("+model@extra=resnet20"))  # a group option at a package
     refuse.on_run_start(hydra_cfg("task=export", "+task.exporters.mine._target_=x.Mine"))
     refuse.on_run_start(hydra_cfg("++trainer.epoch=3"))
     with pytest.raises(

@@ -86,17 +86,22 @@ def _has_children(node: DictConfig, dotted: str) -> bool:
     return isinstance(_node(node, dotted), DictConfig)
 
 
+def _leaves(cfg: DictConfig) -> list[str]:
+    """Every leaf of ``cfg`` as a dotted key: what a suggestion may name."""
+    return [k for k in config_keys(cfg) if not _has_children(cfg, k)]
+
+
 def unknown_key_errors(cfg: DictConfig, overrides: Iterable[str]) -> list[str]:
     """One message per ``+key=value`` of ``overrides`` that adds a key the tree does not have."""
     parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
     adds = [o for o in parsed if o.is_add() and not o.is_force_add()]
     added = {o.key_or_group for o in adds}
     # Suggest leaves the tree had: an added key's new parent nodes are no suggestion.
-    known = [k for k in config_keys(cfg) if k not in added and not _has_children(cfg, k)]
+    known = [k for k in _leaves(cfg) if k not in added]
     errors = []
     for o in adds:
         key = o.key_or_group
-        if key.startswith("hydra") or _is_group(key) or _adds_a_component(cfg, key, added):
+        if key.startswith("hydra") or _names_a_group(o) or _adds_a_component(cfg, key, added):
             continue
         errors.append(
             f"{o.input_line}: {key} is not a key of the config, so nothing would read it. "
@@ -106,15 +111,19 @@ def unknown_key_errors(cfg: DictConfig, overrides: Iterable[str]) -> list[str]:
     return errors
 
 
+def _names_a_group(o: Override) -> bool:
+    """``group=option`` or ``group@package=option`` (Hydra's parser keeps the package apart)."""
+    return _is_group(o.key_or_group)
+
+
 def _sets_a_key(o: Override) -> bool:
     """A plain ``key=value`` (no ``+``, ``++`` or ``~``) of a config key, not a group or Hydra's."""
-    key = o.key_or_group
     return not (
         o.is_add()
         or o.is_force_add()
         or o.is_delete()
-        or key.startswith("hydra")
-        or _is_group(key.split("@")[0])
+        or o.key_or_group.startswith("hydra")
+        or _names_a_group(o)
     )
 
 
@@ -126,7 +135,7 @@ def _closest(key: str, known: list[str]) -> str:
 def missing_key_errors(cfg: DictConfig, overrides: Iterable[str]) -> list[str]:
     """One message per plain ``key=value`` of ``overrides`` whose key ``cfg`` does not have."""
     parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
-    known = [k for k in config_keys(cfg) if not _has_children(cfg, k)]
+    known = _leaves(cfg)
     return [
         f"{o.input_line}: {o.key_or_group} is not a key of the config. "
         f"{_closest(o.key_or_group, known)}(`python launch.py --cfg job` prints every key; "
@@ -161,7 +170,7 @@ def explain_refused_keys(argv: Sequence[str]) -> list[str]:
         plain = [o.input_line for o in parsed if _sets_a_key(o)]
         if not plain:
             return []
-        groups = [_one_choice(o) for o in parsed if _is_group(o.key_or_group.split("@")[0])]
+        groups = [_one_choice(o) for o in parsed if _names_a_group(o)]
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(args.config_name or "config", overrides=groups)
