@@ -5,6 +5,7 @@ The launches through Hydra (sweeps, a tracking server, a killed job) are in test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 
 from ffsd.config import ConfigError
 from ffsd.tasks import train as train_task
+from ffsd.tracking.base import TrackedRun, Tracker
 from ffsd.tracking.mlflow_tracker import (
     HTTP_SETTINGS,
     OVERFLOW_ARTIFACT,
@@ -349,3 +351,30 @@ def test_resume_with_a_run_missing_from_the_store_is_a_clear_error(tmp_path, mon
     train_task.run(make_cfg(*overrides, "trainer.epochs=2", "logger.on_missing_run=new"))
     client, runs = runs_of(other, run_dir)
     assert len(runs) == 1 and steps(client, runs[0].info.run_id) == [1, 2]
+
+
+class _Recording(Tracker):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def start(self, cfg, run_dir, resume_run_id=None, parent=None) -> None:
+        self.calls.append(("start", parent))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.calls.append(("finish", status))
+
+
+@pytest.mark.parametrize(
+    ("raised", "status"),
+    [(None, "FINISHED"), (KeyboardInterrupt, "KILLED"), (ValueError, "FAILED")],
+)
+def test_a_tracked_block_closes_its_run_with_how_the_block_ended(raised, status):
+    tracker, parent = _Recording(), TrackedRun(uri=None, experiment=None, run_id="p")
+    with (
+        contextlib.suppress(KeyboardInterrupt, ValueError),
+        tracker.run(OmegaConf.create({}), Path("unused"), parent) as inside,
+    ):
+        assert inside is tracker and tracker.calls == [("start", parent)]
+        if raised is not None:
+            raise raised
+    assert tracker.calls == [("start", parent), ("finish", status)]

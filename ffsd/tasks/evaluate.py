@@ -39,7 +39,7 @@ from ffsd.tasks.weights import (
     read_network_checkpoint,
     require_checkpoint,
 )
-from ffsd.tracking.base import TrackedRun, Tracker
+from ffsd.tracking.base import TrackedRun
 from ffsd.tracking.mlflow_tracker import read_run_record
 from ffsd.training.checkpoint import name_tensors
 from ffsd.training.runtime import resolve_device, set_threads, tune_host_malloc
@@ -261,10 +261,8 @@ def run(
             f"task.output_dir={output_dir!r}: the evaluation's files go to {run_dir}, which "
             f"cannot be made ({err.strerror}); set task.output_dir=DIR"
         ) from err
-    tracker: Tracker = instantiate(cfg.logger)
     parent = tracked_run_of(path)
-    tracker.start(cfg, run_dir, parent=parent)
-    try:
+    with instantiate(cfg.logger).run(cfg, run_dir, parent) as tracker:
         result = evaluate_network(
             model,
             data.test_loader(batch_size),
@@ -299,11 +297,4 @@ def run(
         tracker.log_summary({f"eval/{k}": v for k, v in result.metrics.items()})
         tracker.log_artifact(run_dir / "eval.json")
         tracker.log_artifact(run_dir / "per_class.csv")
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
     return float(result.metrics["top1"])

@@ -125,13 +125,7 @@ def run_all(
     print(format_all(f"{title}, {device}", metrics))
     report = write_report(run_dir, path, target, epoch, metrics)
     log.info("wrote %s", report)
-    tracker = instantiate(cfg.logger)
-    tracker.start(cfg, run_dir, parent=parent)
-    try:
+    with instantiate(cfg.logger).run(cfg, run_dir, parent) as tracker:
         tracker.log_summary({f"eval/{k}": v for k, v in metrics.items()})
         tracker.log_artifact(report)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
     return float(metrics["deploy/top1"])

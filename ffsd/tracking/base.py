@@ -12,6 +12,8 @@ Implementations: :class:`NullTracker` (``logger=none``) and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,27 @@ class Tracker:
 
     def describe(self) -> str:
         return "no experiment tracking"
+
+    @contextmanager
+    def run(
+        self, cfg: DictConfig, run_dir: Path, parent: TrackedRun | None = None
+    ) -> Iterator[Tracker]:
+        """``start``, then the block, then ``finish`` with how the block ended: FINISHED,
+        KILLED (Ctrl-C) or FAILED (any other exception, which propagates).
+
+        For a task that is one block of work (an evaluation); training closes its run itself,
+        since a stop signal may end the process where no ``finally`` runs.
+        """
+        self.start(cfg, run_dir, parent=parent)
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.finish("KILLED")
+            raise
+        except BaseException:
+            self.finish("FAILED")
+            raise
+        self.finish("FINISHED")
 
 
 class NullTracker(Tracker):
