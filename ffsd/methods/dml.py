@@ -138,28 +138,19 @@ class DML(PeerMethod):
         deploy: int,
         **common: Any,
     ) -> None:
-        self.check_options(
-            num_networks=num_networks,
-            temperature=temperature,
-            target=target,
-            detach=detach,
-            reduction=reduction,
-            kl_eps=kl_eps,
-            alpha=alpha,
-            share_stem=share_stem,
-            update=update,
-            deploy=deploy,
-        )
-        self.options = {
+        losses = {
             "temperature": temperature,
             "target": target,
             "detach": detach,
             "reduction": reduction,
             "kl_eps": kl_eps,
             "alpha": alpha,
-            # MCL-OKD's stem: conv1, bn1, layer1 are stages S0-S1.
-            "shared_stages": 2 if share_stem == "layer1" else 0,
         }
+        self.check_options(
+            num_networks=num_networks, share_stem=share_stem, update=update, deploy=deploy, **losses
+        )
+        # MCL-OKD's stem: conv1, bn1, layer1 are stages S0-S1.
+        self.options = losses | {"shared_stages": 2 if share_stem == "layer1" else 0}
         self.update = update
         super().__init__(num_networks=num_networks, deploy=deploy, **common)
 

@@ -163,16 +163,6 @@ class KDCL(PeerMethod):
         deploy: int,
         **common: Any,
     ) -> None:
-        self.check_options(
-            num_networks=num_networks,
-            ensemble=ensemble,
-            select=select,
-            alpha=alpha,
-            temperature=temperature,
-            views=views,
-            linear_iters=linear_iters,
-            deploy=deploy,
-        )
         self.options = {
             "ensemble": ensemble,
             "select": select,
@@ -180,6 +170,7 @@ class KDCL(PeerMethod):
             "temperature": temperature,
             "linear_iters": linear_iters,
         }
+        self.check_options(num_networks=num_networks, views=views, deploy=deploy, **self.options)
         # section 6 (a): network k trains on view k of each sample.
         self.num_views = int(num_networks) if views == "per_model" else 1
         super().__init__(num_networks=num_networks, deploy=deploy, **common)

@@ -172,17 +172,6 @@ class OKDDip(PeerMethod):
         shared: bool,
         **common: Any,
     ) -> None:
-        self.check_options(
-            num_peers=num_peers,
-            temperature=temperature,
-            alpha=alpha,
-            kl_eps=kl_eps,
-            rampup_epochs=rampup_epochs,
-            attn_factor=attn_factor,
-            detach_leader_target=detach_leader_target,
-            shared=shared,
-        )
-        self.num_peers = int(num_peers)
         self.options = {
             "temperature": temperature,
             "alpha": alpha,
@@ -191,6 +180,8 @@ class OKDDip(PeerMethod):
             "detach_leader_target": detach_leader_target,
             "shared": shared,
         }
+        self.check_options(num_peers=num_peers, rampup_epochs=rampup_epochs, **self.options)
+        self.num_peers = int(num_peers)
         self.rampup_epochs = int(rampup_epochs)
         # The leader is branch m, the last one (section 5 (a)), and the deployed network (d).
         super().__init__(num_networks=self.num_peers + 1, deploy=self.num_peers, **common)

@@ -133,16 +133,6 @@ class ONE(PeerMethod):
         deploy: int,
         **common: Any,
     ) -> None:
-        self.check_options(
-            num_branches=num_branches,
-            temperature=temperature,
-            kl_eps=kl_eps,
-            detach_teacher=detach_teacher,
-            rampup_epochs=rampup_epochs,
-            kl_weight=kl_weight,
-            teacher_ce_weight=teacher_ce_weight,
-            deploy=deploy,
-        )
         self.options = {
             "temperature": temperature,
             "kl_eps": kl_eps,
@@ -150,6 +140,9 @@ class ONE(PeerMethod):
             "kl_weight": kl_weight,
             "teacher_ce_weight": teacher_ce_weight,
         }
+        self.check_options(
+            num_branches=num_branches, rampup_epochs=rampup_epochs, deploy=deploy, **self.options
+        )
         self.rampup_epochs = int(rampup_epochs)
         super().__init__(num_networks=num_branches, deploy=deploy, **common)
         self.epoch_metrics = ("teacher/top1", "branch_mean/top1", "ensemble/top1")

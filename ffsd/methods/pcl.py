@@ -190,17 +190,16 @@ class PCL(PeerMethod):
         deploy: int,
         **common: Any,
     ) -> None:
+        self.options = {"temperature": temperature, "tie_fc_init": tie_fc_init}
         self.check_options(
             num_peers=num_peers,
-            temperature=temperature,
             ema_decay=ema_decay,
             rampup_epochs=rampup_epochs,
             rampup_bug=rampup_bug,
-            tie_fc_init=tie_fc_init,
             views=views,
             deploy=deploy,
+            **self.options,
         )
-        self.options = {"temperature": temperature, "tie_fc_init": tie_fc_init}
         self.ema_decay = float(ema_decay)
         self.rampup_epochs, self.rampup_bug = int(rampup_epochs), bool(rampup_bug)
         # Section 7 (a): peer i trains on view i of each sample (the dataset emits m views).
