@@ -12,6 +12,7 @@ import ffsd
 from ffsd.config import ConfigError
 from ffsd.tasks.evaluate_all import evaluate_run_state, format_all
 from ffsd.tasks.weights import read_network_checkpoint
+from ffsd.training.acceleration import set_numerics
 from ffsd.training.checkpoint import STATE_FORMAT, CheckpointError, atomic_save
 
 from .checkpoints import write_release
@@ -31,6 +32,14 @@ def test_every_network_of_a_run_state_is_evaluated_by_its_own_method(tmp_path):
     cfg = make_cfg(*BASE, "distill=one")
     torch.manual_seed(0)
     trained = ffsd.build_method(cfg, 10, "cpu")
+    # in the layout and precision the run trains and evaluates in (task=train's set_numerics)
+    applied = set_numerics(
+        trained,
+        channels_last=cfg.trainer.channels_last,
+        nhwc_batch_norm=cfg.trainer.nhwc_batch_norm,
+        precision=cfg.trainer.precision,
+    )
+    assert applied[0] == "channels_last (auto on cpu)"
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(8, 3, 16, 16, generator=g), torch.randint(10, (8,), generator=g))
     trained.train_step(*batch, 1)

@@ -328,14 +328,7 @@ def test_eval_equals_the_runs_own_evaluation(launched, cifar, tmp_path, method):
     logged = {k[5:]: v for k, v in history[-1].items() if k.startswith("test/")}
     assert set(got["metrics"]) == set(logged)
     for k, v in logged.items():
-        # Accuracies are counts: exact. The run evaluated its networks in the layout it trained
-        # them in (channels_last on a CPU: trainer.channels_last=auto), task=eval rebuilds them
-        # NCHW, so the other metrics agree to fp32 kernel rounding, bounded as ``ce`` is above:
-        # OKDDip's dist, distances between nearly equal softmax outputs, moved 3e-6 relative on
-        # an AVX-512 Xeon.
-        exact = "/top" in k
-        bound = {"abs": 1e-9} if exact else {"rel": 1e-5, "abs": 1e-9}
-        assert got["metrics"][k] == pytest.approx(v, **bound), k
+        assert got["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ffsd.config import ConfigError
 from ffsd.methods.build import instantiate_method
+from ffsd.training.acceleration import set_numerics
 from ffsd.training.checkpoint import STATE_FORMAT, CheckpointError, safe_load
 
 log = logging.getLogger("ffsd")
@@ -69,7 +70,19 @@ def evaluate_run_state(
             f"{path} does not fit its own method ({target}) with {num_classes} classes "
             f"(dataset={cfg.dataset.name}): {first}"
         ) from err
+    # The networks as the run evaluated them, in its layout and precision: the figures are then
+    # its epoch line's, not NCHW fp32's rounding of them. A state from before these settings
+    # existed ran NCHW fp32.
+    applied = set_numerics(
+        method,
+        channels_last=OmegaConf.select(run_cfg, "trainer.channels_last", default=False),
+        nhwc_batch_norm=str(
+            OmegaConf.select(run_cfg, "trainer.nhwc_batch_norm", default="precise")
+        ),
+        precision=str(OmegaConf.select(run_cfg, "trainer.precision", default="fp32")),
+    )
     log.info("%s: %s, epoch %s; %s", path, target, blob.get("epoch"), method.describe())
+    log.info("as the run evaluated: %s", ", ".join(applied) if applied else "eager fp32")
     return method.evaluate(loader), target, blob.get("epoch")
 
 
